@@ -1,0 +1,259 @@
+"""The one schema: a Recipe describes one fine-tune (data, model, optimizer, stages, seed).
+
+Frozen, validated pydantic models. `Recipe.from_yaml` / `to_yaml` round-trip, and every
+invalid value is refused with a `HarnessError` whose one line names the field.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictInt,
+                      Tag, ValidationError, field_validator, model_validator)
+
+from harness.errors import HarnessError
+from harness.schedule import DEFAULT_MOMS
+
+
+def _no_bool(v: Any) -> Any:
+    # pydantic's lax mode would read `true` as 1.0; a flag where a number belongs is a mistake
+    if isinstance(v, bool):
+        raise ValueError("expected a number, got a boolean")
+    return v
+
+
+Num = Annotated[float, BeforeValidator(_no_bool)]
+Positive = Annotated[Num, Field(gt=0)]
+Fraction = Annotated[Num, Field(gt=0, lt=1)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LRSlice(_Strict):
+    """fastai `slice(max)` (min omitted) or `slice(min, max)` across layer groups."""
+    min: Positive | None = None
+    max: Positive
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "LRSlice":
+        if self.min is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min:g}) must not exceed max ({self.max:g})")
+        return self
+
+
+class TrainLast(_Strict):
+    """Train only the last N layer groups (the head is the last group)."""
+    last: Annotated[StrictInt, Field(ge=1)]
+
+
+def _lr_tag(v: Any) -> str:
+    return "slice" if isinstance(v, (dict, LRSlice)) else "number"
+
+
+def _train_tag(v: Any) -> str:
+    return "last" if isinstance(v, (dict, TrainLast)) else "name"
+
+
+LR = Annotated[Union[Annotated[Positive, Tag("number")], Annotated[LRSlice, Tag("slice")]],
+               Discriminator(_lr_tag)]
+Train = Annotated[Union[Annotated[Literal["head", "all"], Tag("name")],
+                        Annotated[TrainLast, Tag("last")]], Discriminator(_train_tag)]
+_UNION_TAGS = {"number", "slice", "name", "last"}
+
+
+class Stage(_Strict):
+    """One one-cycle fit: which groups train, their peak LRs, and the cycle's shape."""
+    epochs: Annotated[StrictInt, Field(ge=1)]
+    train: Train = "all"
+    lr: LR
+    pct_start: Fraction = 0.25
+    div: Positive = 25.0
+    div_final: Positive = 1e5
+    moms: tuple[Fraction, Fraction, Fraction] = DEFAULT_MOMS
+
+    def trainable_groups(self, n_groups: int) -> int:
+        """How many groups (counted from the head backwards) train in this stage."""
+        if self.train == "all":
+            return n_groups
+        if self.train == "head":
+            return 1
+        return self.train.last
+
+    def peak_lrs(self, n_groups: int) -> list[float]:
+        """Peak LR per group, input -> output (fastai's slice semantics)."""
+        from harness.schedule import group_lrs
+        if isinstance(self.lr, LRSlice):
+            return group_lrs(self.lr.min, self.lr.max, n_groups, sliced=True)
+        return group_lrs(None, self.lr, n_groups, sliced=False)
+
+
+class DataConfig(_Strict):
+    dataset: Literal["fashion-mnist", "imagefolder"] = "fashion-mnist"
+    root: str | None = None
+    classes: Annotated[list[Union[StrictInt, str]], Field(min_length=2)] | None = None
+    train_per_class: Annotated[StrictInt, Field(ge=1)] | None = None
+    val_fraction: Annotated[Num, Field(ge=0, lt=1)] = 0.2
+    image_size: Annotated[StrictInt, Field(ge=8)] = 32
+    batch_size: Annotated[StrictInt, Field(ge=2)] = 64
+    augment: bool = True
+
+    @model_validator(mode="after")
+    def _root_for_imagefolder(self) -> "DataConfig":
+        if self.dataset == "imagefolder" and not self.root:
+            raise ValueError("root is required when dataset is imagefolder")
+        return self
+
+
+class ModelConfig(_Strict):
+    arch: str = "resnet18"
+    weights: str = "none"   # none | imagenet | path to a harness checkpoint
+    head: Literal["fastai", "linear"] = "fastai"
+    train_bn: bool = True
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        from harness.models import ARCHS
+        if v not in ARCHS:
+            raise ValueError(f"unknown arch '{v}'{_did_you_mean(v, ARCHS)} "
+                             f"(known: {', '.join(ARCHS)})")
+        return v
+
+
+class OptimizerConfig(_Strict):
+    weight_decay: Annotated[Num, Field(ge=0)] = 0.01
+    eps: Positive = 1e-5
+    sqr_mom: Fraction = 0.99
+
+
+class Recipe(_Strict):
+    """One fine-tune, fully resolved: replaying it reproduces the run."""
+    seed: Annotated[StrictInt, Field(ge=0)] = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    stages: Annotated[list[Stage], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _stages_fit_model(self) -> "Recipe":
+        from harness.models import ARCHS
+        n = len(ARCHS[self.model.arch].group_names)
+        for i, st in enumerate(self.stages):
+            if st.trainable_groups(n) > n:
+                raise ValueError(f"stages[{i}].train: last {st.trainable_groups(n)} exceeds the "
+                                 f"{n} layer groups of {self.model.arch}")
+        return self
+
+    @property
+    def epochs(self) -> int:
+        return sum(s.epochs for s in self.stages)
+
+    # --- (de)serialisation -------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "recipe") -> "Recipe":
+        """Validate a plain dict; a bad value raises HarnessError naming `source` and the field."""
+        try:
+            return cls.model_validate(d)
+        except ValidationError as e:
+            raise HarnessError(f"{source}: {format_validation_error(e, cls)}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Recipe":
+        return cls.from_dict(read_yaml(path), source=str(path))
+
+    def to_dict(self) -> dict:
+        """The YAML-shaped dict (defaults resolved, `lr.min` left out when absent)."""
+        d = self.model_dump(mode="json")
+        for st in d["stages"]:
+            if isinstance(st["lr"], dict) and st["lr"]["min"] is None:
+                del st["lr"]["min"]
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **changes: Any) -> "Recipe":
+        """A copy with top-level fields changed, validated again."""
+        return Recipe.from_dict({**self.to_dict(), **changes})
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping safely; a missing file or bad syntax is a one-line HarnessError."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise HarnessError(f"{p}: file not found") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise HarnessError(f"{p}: cannot read ({e.__class__.__name__})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise HarnessError(f"{p}: invalid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise HarnessError(f"{p}: expected a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def _did_you_mean(word: str, options) -> str:
+    close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the model found by walking `loc` from `model` (for did-you-mean)."""
+    import typing
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or part in _UNION_TAGS:
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(part)
+        if field is None:
+            return []
+        current = field.annotation
+        # unwrap Optional / list / Annotated / Union down to a model class, if any
+        for _ in range(6):
+            if isinstance(current, type) and issubclass(current, BaseModel):
+                break
+            args = [a for a in typing.get_args(current) if a is not type(None)]
+            models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            current = models[0] if models else (args[0] if args else None)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def format_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if part in _UNION_TAGS:
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def format_validation_error(e: ValidationError, model: type[BaseModel]) -> str:
+    """The first error of `e` as 'field.path: what is wrong' on one line."""
+    err = e.errors()[0]
+    loc = tuple(err["loc"])
+    if err["type"] == "extra_forbidden":
+        name = loc[-1]
+        hint = _did_you_mean(name, _fields_at(model, loc[:-1]))
+        return f"{format_loc(loc)}: unknown key{hint}"
+    msg = err["msg"]
+    msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if err["type"] not in ("value_error", "assertion_error") and "input" in err:
+        shown = repr(err["input"])
+        msg += f" (got {shown if len(shown) < 60 else shown[:57] + '...'})"
+    where = format_loc(loc)
+    return f"{where}: {msg}" if where else msg

@@ -1,0 +1,194 @@
+"""MLflow tracking: one run per fine-tune, metrics sent in batches off the training thread.
+
+The tracker talks to `MlflowClient` with explicit run ids (never the thread-local active
+run), so workers and threads can log children under a parent they were handed.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from harness.errors import HarnessError
+
+BATCH = 1000        # MLflow's limit of metrics per log_batch request
+PARAM_BATCH = 100   # ... and of params
+
+
+def default_tracking_uri(workspace: str | Path, explicit: str | None = None) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else the workspace's SQLite file."""
+    if explicit:
+        return explicit
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(workspace).resolve() / 'mlflow.db'}"
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, str]:
+    """{'a': {'b': 1}, 'l': [x, y]} -> {'a.b': '1', 'l.0': ...}; lists of scalars stay whole."""
+    out: dict[str, str] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(d, list) and any(isinstance(v, (dict, list)) for v in d):
+        for i, v in enumerate(d):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix.rstrip(".")] = str(d)
+    return out
+
+
+class MlflowTracker:
+    """Logs one run's metrics, params and artifacts; metric batches go through one
+    background thread so the training loop never waits on the store."""
+
+    def __init__(self, client, run_id: str):
+        self.client = client
+        self.run_id = run_id
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-log")
+        self._pending: list[Future] = []
+
+    # --- the Tracker protocol used by fine_tune ------------------------------------------
+    def log_steps(self, first_step: int, series: dict[str, list[float]]) -> None:
+        from mlflow.entities import Metric
+        ts = int(time.time() * 1000)
+        metrics = [Metric(key, float(v), ts, first_step + i)
+                   for key, values in series.items() for i, v in enumerate(values)]
+        self._send(metrics)
+
+    def log_epoch(self, epoch: int, values: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+        ts = int(time.time() * 1000)
+        self._send([Metric(k, float(v), ts, epoch) for k, v in values.items()])
+
+    # --- run-level records -----------------------------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), PARAM_BATCH):
+            self.client.log_batch(self.run_id, params=items[i:i + PARAM_BATCH])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_figure(self, fig, name: str) -> None:
+        self.client.log_figure(self.run_id, fig, name)
+
+    def log_file(self, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def flush(self) -> None:
+        """Wait for every metric batch sent so far; re-raise the first failure."""
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def _send(self, metrics: list) -> None:
+        for i in range(0, len(metrics), BATCH):
+            chunk = metrics[i:i + BATCH]
+            self._pending.append(self._pool.submit(self.client.log_batch, self.run_id, metrics=chunk))
+
+
+def get_experiment_id(client, name: str, artifact_root: Path | None) -> str:
+    """The experiment's id, created (with artifacts under `artifact_root`) if missing."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = (artifact_root / name).resolve().as_uri() if artifact_root else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:
+        # another worker created it between our look-up and create
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def make_client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+    try:
+        return MlflowClient(tracking_uri=tracking_uri)
+    except Exception as e:
+        raise HarnessError(f"tracking URI {tracking_uri}: cannot open ({e.__class__.__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+@contextmanager
+def mlflow_run(tracking_uri: str, experiment: str, run_name: str, workspace: str | Path,
+               parent_run_id: str | None = None, tags: dict | None = None) -> Iterator[MlflowTracker]:
+    """Open a run and always close it: FINISHED, FAILED on an error, KILLED on Ctrl-C.
+
+    The body may set `tracker.status` / `tracker.reason` to end the run otherwise
+    (a diverged fine-tune ends FAILED with its reason).
+    """
+    client = make_client(tracking_uri)
+    artifact_root = Path(workspace) / "artifacts" if tracking_uri.startswith("sqlite:") else None
+    try:
+        exp_id = get_experiment_id(client, experiment, artifact_root)
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    except HarnessError:
+        raise
+    except Exception as e:
+        raise HarnessError(f"tracking URI {tracking_uri}: cannot create a run "
+                           f"({e.__class__.__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    tracker = MlflowTracker(client, run.info.run_id)
+    tracker.status, tracker.reason = "FINISHED", None
+    try:
+        yield tracker
+    except KeyboardInterrupt:
+        tracker.status, tracker.reason = "KILLED", "interrupted"
+        raise
+    except BaseException as e:
+        tracker.status = tracker.status if tracker.status == "KILLED" else "FAILED"
+        tracker.reason = tracker.reason or f"{e.__class__.__name__}: {e}"[:500]
+        raise
+    finally:
+        try:
+            tracker.close()
+        finally:
+            if tracker.reason:
+                client.set_tag(run.info.run_id, "harness.reason", tracker.reason)
+            client.set_terminated(run.info.run_id, status=tracker.status)
+
+
+def tracked_fine_tune(recipe, tracker: MlflowTracker, workspace: str | Path = "workspace",
+                      report=None, progress: bool = False, extra_params: dict | None = None):
+    """fine_tune with everything a run records: the flattened recipe as params (plus
+    `extra_params`), the layer groups tag, the recipe YAML, per-step curves and the LR plot.
+    A diverged run ends FAILED with its reason."""
+    from harness.models import ARCHS
+    from harness.report import lr_figure
+    from harness.train import fine_tune
+
+    params = flatten(recipe.to_dict())
+    params.update({k: v for k, v in (extra_params or {}).items()})
+    tracker.log_params(params)
+    tracker.set_tags({"layer_groups": ",".join(ARCHS[recipe.model.arch].group_names)})
+    tracker.log_text(recipe.to_yaml(), "recipe.yaml")
+    result = fine_tune(recipe, tracker, report=report, workspace=workspace, progress=progress)
+    tracker.set_tags({"harness.status": result.status})
+    if result.lrs:
+        import matplotlib.pyplot as plt
+        fig = lr_figure(result)
+        tracker.log_figure(fig, "lr_schedule.png")
+        plt.close(fig)
+    if not result.ok:
+        tracker.status, tracker.reason = "FAILED", result.status
+    return result

@@ -1,0 +1,232 @@
+"""fine_tune(recipe) -> Result: one readable loop over the recipe's stages.
+
+Each stage is one fastai one-cycle fit: freeze to the stage's trainable groups, a fresh
+AdamW (optimizer state reset), and LR / beta1 written into every param group at every
+step from the pure functions in schedule.py. No host synchronisation inside the step
+loop: losses and accuracies stay on the device and are read once per epoch.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from harness import data as data_mod
+from harness.errors import HarnessError
+from harness.models import TransferModel, build_model, param_groups, set_trainable
+from harness.recipe import Recipe, Stage
+from harness.schedule import one_cycle_lr, one_cycle_mom
+
+
+class Tracker(Protocol):
+    """Where a run's numbers go (MLflow, or nowhere)."""
+
+    def log_steps(self, first_step: int, series: dict[str, list[float]]) -> None: ...
+    def log_epoch(self, epoch: int, values: dict[str, float]) -> None: ...
+
+
+class NullTracker:
+    def log_steps(self, first_step: int, series: dict[str, list[float]]) -> None:
+        pass
+
+    def log_epoch(self, epoch: int, values: dict[str, float]) -> None:
+        pass
+
+
+@dataclass
+class EpochStats:
+    epoch: int                  # 1-based, one axis across all stages
+    stage: int                  # 0-based
+    train_loss: float
+    val_loss: float | None
+    val_accuracy: float | None
+    seconds: float
+
+
+@dataclass
+class Result:
+    """What a fine-tune produced: per-epoch stats, test accuracy, the LR history."""
+    status: str                                 # "ok" or "diverged at step k"
+    group_names: list[str]
+    epochs: list[EpochStats] = field(default_factory=list)
+    test_accuracy: float | None = None
+    lrs: list[list[float]] = field(default_factory=list)     # [step][group], as the optimizer held them
+    moms: list[float] = field(default_factory=list)          # [step]
+    stage_starts: list[int] = field(default_factory=list)    # global step where each stage began
+    n_train: int = 0
+    class_names: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    model: TransferModel | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def val_accuracy(self) -> float | None:
+        """Val accuracy after the last epoch (the model that is kept)."""
+        return self.epochs[-1].val_accuracy if self.epochs else None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise HarnessError("device: cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def make_optimizer(model: TransferModel, stage: Stage, recipe: Recipe, device: torch.device):
+    """A fresh AdamW for one stage: fastai's Adam with decoupled weight decay."""
+    opt_cfg = recipe.optimizer
+    groups = param_groups(model, opt_cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=stage.peak_lrs(len(model))[-1],
+                             betas=(stage.moms[0], opt_cfg.sqr_mom), eps=opt_cfg.eps,
+                             fused=device.type == "cuda")
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, split: data_mod.Split, batch_size: int, device: torch.device):
+    """(mean loss, accuracy) on a split, read from the device once; (None, None) if empty."""
+    n = len(split.y)
+    if n == 0:
+        return None, None
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for x, y in data_mod.eval_batches(split, batch_size):
+        with _autocast(device):
+            out = model(_memory_format(x, device))
+        loss_sum += nn.functional.cross_entropy(out.float(), y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+    model.train()
+    return loss_sum.item() / n, correct.item() / n
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _memory_format(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def fine_tune(recipe: Recipe, tracker: Tracker | None = None,
+              report: Callable[[int, float | None], None] | None = None,
+              workspace: str | Path = "workspace", progress: bool = False,
+              device: str | None = None) -> Result:
+    """Run the recipe's stages; log to `tracker`; call `report(epoch, val_accuracy)` after
+    every epoch (a pruner may raise from it). Returns the Result with the trained model."""
+    tracker = tracker or NullTracker()
+    dev = resolve_device(device or recipe.device)
+    torch.manual_seed(recipe.seed)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    ds = data_mod.load_dataset(recipe.data, Path(workspace), recipe.seed)
+    train_split, val_split = data_mod.to_device(ds.train, dev), data_mod.to_device(ds.val, dev)
+    bs = recipe.data.batch_size
+    n_iter = data_mod.steps_per_epoch(len(train_split.y), bs)
+    if n_iter == 0:
+        raise HarnessError(f"data.batch_size: {bs} is larger than the training set "
+                           f"({len(train_split.y)} images)")
+
+    model = build_model(recipe.model.arch, len(ds.class_names), recipe.model.weights, recipe.model.head)
+    model = model.to(dev, memory_format=torch.channels_last if dev.type == "cuda" else torch.contiguous_format)
+    model.train()
+    gen = torch.Generator(device=dev).manual_seed(recipe.seed)
+    n_groups = len(model)
+    result = Result(status="ok", group_names=model.group_names, n_train=len(train_split.y),
+                    class_names=list(ds.class_names), model=model)
+    total_steps = n_iter * recipe.epochs
+    bar = _progress_bar(total_steps, progress)
+    start, step, epoch = time.perf_counter(), 0, 0
+
+    for stage_idx, stage in enumerate(recipe.stages):
+        set_trainable(model, stage.trainable_groups(n_groups), recipe.model.train_bn)
+        opt = make_optimizer(model, stage, recipe, dev)
+        heads = [next(pg for pg in opt.param_groups if pg["layer_group"] == g) for g in range(n_groups)]
+        peaks = stage.peak_lrs(n_groups)
+        T = stage.epochs * n_iter
+        result.stage_starts.append(step)
+        for _ in range(stage.epochs):
+            t0, first_step, losses = time.perf_counter(), step, []
+            for i, (x, y) in enumerate(data_mod.train_batches(train_split, bs, gen, recipe.data.augment)):
+                s = step - result.stage_starts[-1]
+                mom = one_cycle_mom(s, T, stage.pct_start, stage.moms)
+                for pg in opt.param_groups:
+                    pg["lr"] = one_cycle_lr(s, T, peaks[pg["layer_group"]], stage.div, stage.div_final,
+                                            stage.pct_start)
+                    pg["betas"] = (mom, recipe.optimizer.sqr_mom)
+                result.lrs.append([pg["lr"] for pg in heads])
+                result.moms.append(heads[0]["betas"][0])
+                with _autocast(dev):
+                    loss = nn.functional.cross_entropy(model(_memory_format(x, dev)).float(), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(loss.detach())
+                step += 1
+                bar.update(1)
+            epoch += 1
+            step_losses = torch.stack(losses).float().cpu()   # the one read per epoch
+            _log_steps(tracker, result, first_step, step_losses)
+            bad = (~torch.isfinite(step_losses)).nonzero()
+            if len(bad):
+                result.status = f"diverged at step {first_step + int(bad[0])}"
+                break
+            val_loss, val_acc = evaluate(model, val_split, 2 * bs, dev)
+            stats = EpochStats(epoch, stage_idx, float(step_losses.mean()), val_loss, val_acc,
+                               time.perf_counter() - t0)
+            result.epochs.append(stats)
+            tracker.log_epoch(epoch, {k: v for k, v in (("train/loss_epoch", stats.train_loss),
+                                                         ("val/loss", val_loss),
+                                                         ("val/accuracy", val_acc)) if v is not None})
+            bar.set_postfix_str(f"epoch {epoch} val_acc {val_acc if val_acc is None else round(val_acc, 4)}")
+            if report is not None:
+                report(epoch, val_acc)
+        if not result.ok:
+            break
+    bar.close()
+
+    if result.ok:
+        _, result.test_accuracy = evaluate(model, data_mod.to_device(ds.test, dev), 2 * bs, dev)
+        if result.test_accuracy is not None:
+            tracker.log_epoch(epoch, {"test/accuracy": result.test_accuracy})
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _log_steps(tracker: Tracker, result: Result, first_step: int, losses: torch.Tensor) -> None:
+    n = len(losses)
+    lrs, moms = result.lrs[first_step:first_step + n], result.moms[first_step:first_step + n]
+    series = {"train/loss": losses.tolist()}
+    for g, name in enumerate(result.group_names):
+        series[f"lr/{name}"] = [row[g] for row in lrs]
+        series[f"momentum/{name}"] = moms
+    tracker.log_steps(first_step, series)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix_str(self, s: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+    import sys
+    # in logs (no terminal) a redraw every 30 s is progress enough
+    return tqdm(total=total, unit="step", dynamic_ncols=True, leave=False,
+                mininterval=0.2 if sys.stderr.isatty() else 30)

@@ -50,19 +50,21 @@ class TrainLast(_Strict):
     last: Annotated[StrictInt, Field(ge=1)]
 
 
+# Union member tags show up in pydantic's error locations; they are named so that no real
+# field can share the name, and format_loc drops them.
 def _lr_tag(v: Any) -> str:
-    return "slice" if isinstance(v, (dict, LRSlice)) else "number"
+    return "<lr-slice>" if isinstance(v, (dict, LRSlice)) else "<lr-number>"
 
 
 def _train_tag(v: Any) -> str:
-    return "last" if isinstance(v, (dict, TrainLast)) else "name"
+    return "<train-last>" if isinstance(v, (dict, TrainLast)) else "<train-name>"
 
 
-LR = Annotated[Union[Annotated[Positive, Tag("number")], Annotated[LRSlice, Tag("slice")]],
+LR = Annotated[Union[Annotated[Positive, Tag("<lr-number>")], Annotated[LRSlice, Tag("<lr-slice>")]],
                Discriminator(_lr_tag)]
-Train = Annotated[Union[Annotated[Literal["head", "all"], Tag("name")],
-                        Annotated[TrainLast, Tag("last")]], Discriminator(_train_tag)]
-_UNION_TAGS = {"number", "slice", "name", "last"}
+Train = Annotated[Union[Annotated[Literal["head", "all"], Tag("<train-name>")],
+                        Annotated[TrainLast, Tag("<train-last>")]], Discriminator(_train_tag)]
+_UNION_TAGS = {"<lr-number>", "<lr-slice>", "<train-name>", "<train-last>"}
 
 
 class Stage(_Strict):
@@ -225,7 +227,8 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
         for _ in range(6):
             if isinstance(current, type) and issubclass(current, BaseModel):
                 break
-            args = [a for a in typing.get_args(current) if a is not type(None)]
+            args = [typing.get_args(a)[0] if typing.get_origin(a) is Annotated else a
+                    for a in typing.get_args(current) if a is not type(None)]
             models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
             current = models[0] if models else (args[0] if args else None)
     if isinstance(current, type) and issubclass(current, BaseModel):

@@ -40,3 +40,33 @@ def summary_table(result) -> str:
     rows.append(f"status: {result.status}   test accuracy: {fmt(result.test_accuracy)}   "
                 f"time: {result.seconds:.1f}s")
     return "\n".join(rows)
+
+
+def optuna_figures(ostudy) -> list[tuple[str, plt.Figure]]:
+    """Optuna's optimisation history, parameter importances and parallel coordinates, as
+    matplotlib figures; a plot that needs more completed trials than exist is left out."""
+    import warnings
+
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    complete = [t for t in ostudy.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    wanted = [("optimization_history", ovm.plot_optimization_history, 1),
+              ("param_importances", ovm.plot_param_importances, 2),
+              ("parallel_coordinate", ovm.plot_parallel_coordinate, 2)]
+    out = []
+    for name, plot, needed in wanted:
+        if len(complete) < needed or (name != "optimization_history" and not complete[0].params):
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = plot(ostudy)
+        except (ValueError, RuntimeError, ZeroDivisionError):
+            continue  # e.g. importances when every completed trial has the same params
+        ax = ax.flat[0] if hasattr(ax, "flat") else ax
+        fig = ax.get_figure()
+        fig.set_size_inches(9, 5)
+        fig.tight_layout()
+        out.append((name, fig))
+    return out

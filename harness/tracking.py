@@ -129,8 +129,10 @@ def make_client(tracking_uri: str):
 
 @contextmanager
 def mlflow_run(tracking_uri: str, experiment: str, run_name: str, workspace: str | Path,
-               parent_run_id: str | None = None, tags: dict | None = None) -> Iterator[MlflowTracker]:
-    """Open a run and always close it: FINISHED, FAILED on an error, KILLED on Ctrl-C.
+               parent_run_id: str | None = None, tags: dict | None = None,
+               resume_run_id: str | None = None) -> Iterator[MlflowTracker]:
+    """Open a run (or reopen `resume_run_id`) and always close it: FINISHED, FAILED on an
+    error, KILLED on Ctrl-C.
 
     The body may set `tracker.status` / `tracker.reason` to end the run otherwise
     (a diverged fine-tune ends FAILED with its reason).
@@ -138,11 +140,15 @@ def mlflow_run(tracking_uri: str, experiment: str, run_name: str, workspace: str
     client = make_client(tracking_uri)
     artifact_root = Path(workspace) / "artifacts" if tracking_uri.startswith("sqlite:") else None
     try:
-        exp_id = get_experiment_id(client, experiment, artifact_root)
-        all_tags = dict(tags or {})
-        if parent_run_id:
-            all_tags["mlflow.parentRunId"] = parent_run_id
-        run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+        if resume_run_id:
+            client.update_run(resume_run_id, status="RUNNING")
+            run = client.get_run(resume_run_id)
+        else:
+            exp_id = get_experiment_id(client, experiment, artifact_root)
+            all_tags = dict(tags or {})
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
     except HarnessError:
         raise
     except Exception as e:
@@ -169,7 +175,8 @@ def mlflow_run(tracking_uri: str, experiment: str, run_name: str, workspace: str
 
 
 def tracked_fine_tune(recipe, tracker: MlflowTracker, workspace: str | Path = "workspace",
-                      report=None, progress: bool = False, extra_params: dict | None = None):
+                      report=None, progress: bool = False, extra_params: dict | None = None,
+                      evaluate_test: bool = True):
     """fine_tune with everything a run records: the flattened recipe as params (plus
     `extra_params`), the layer groups tag, the recipe YAML, per-step curves and the LR plot.
     A diverged run ends FAILED with its reason."""
@@ -182,7 +189,8 @@ def tracked_fine_tune(recipe, tracker: MlflowTracker, workspace: str | Path = "w
     tracker.log_params(params)
     tracker.set_tags({"layer_groups": ",".join(ARCHS[recipe.model.arch].group_names)})
     tracker.log_text(recipe.to_yaml(), "recipe.yaml")
-    result = fine_tune(recipe, tracker, report=report, workspace=workspace, progress=progress)
+    result = fine_tune(recipe, tracker, report=report, workspace=workspace, progress=progress,
+                       evaluate_test=evaluate_test)
     tracker.set_tags({"harness.status": result.status})
     if result.lrs:
         import matplotlib.pyplot as plt

@@ -118,9 +118,10 @@ def _memory_format(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 def fine_tune(recipe: Recipe, tracker: Tracker | None = None,
               report: Callable[[int, float | None], None] | None = None,
               workspace: str | Path = "workspace", progress: bool = False,
-              device: str | None = None) -> Result:
+              device: str | None = None, evaluate_test: bool = True) -> Result:
     """Run the recipe's stages; log to `tracker`; call `report(epoch, val_accuracy)` after
-    every epoch (a pruner may raise from it). Returns the Result with the trained model."""
+    every epoch (a pruner may raise from it). Returns the Result with the trained model.
+    Sweeps pass `evaluate_test=False`: the test split is never looked at while tuning."""
     tracker = tracker or NullTracker()
     dev = resolve_device(device or recipe.device)
     torch.manual_seed(recipe.seed)
@@ -193,7 +194,7 @@ def fine_tune(recipe: Recipe, tracker: Tracker | None = None,
             break
     bar.close()
 
-    if result.ok:
+    if result.ok and evaluate_test:
         _, result.test_accuracy = evaluate(model, data_mod.to_device(ds.test, dev), 2 * bs, dev)
         if result.test_accuracy is not None:
             tracker.log_epoch(epoch, {"test/accuracy": result.test_accuracy})

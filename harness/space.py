@@ -1,0 +1,173 @@
+"""A strategy's search space as data, and the ONLY place that calls `trial.suggest_*`.
+
+Syntax per hyperparameter: float `{low, high, log}`, int `{low, high}` (int when the
+strategy's default is an int), `{choices: [...]}`, or a fixed value. Ordered pairs such as
+`lr_low <= lr_high` hold by construction: the second one is sampled inside the first's
+bound, so no trial is ever wasted on an impossible combination.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from harness.errors import HarnessError
+
+# (a, b): a <= b always
+ORDERED_PAIRS = [("lr_low", "lr_high")]
+# hyperparameters counted in epochs that must leave at least one epoch for the next stage
+EPOCH_SPLITS = ("freeze_epochs", "probe_epochs")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    kind: str                       # float | int | choices | fixed
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple | None = None
+    value: Any = None
+
+    @property
+    def lowest(self) -> Any:
+        return {"fixed": self.value, "choices": min(self.choices or (0,))}.get(self.kind, self.low)
+
+    @property
+    def highest(self) -> Any:
+        return {"fixed": self.value, "choices": max(self.choices or (0,))}.get(self.kind, self.high)
+
+    def clip(self, v: Any) -> Any:
+        """`v` moved into this space (the published default, clipped into the study's range)."""
+        if self.kind == "fixed":
+            return self.value
+        if self.kind == "choices":
+            return v if v in self.choices else min(self.choices, key=lambda c: _distance(c, v))
+        v = min(max(v, self.low), self.high)
+        return int(round(v)) if self.kind == "int" else float(v)
+
+
+def _distance(a: Any, b: Any) -> float:
+    try:
+        return abs(float(a) - float(b))
+    except (TypeError, ValueError):
+        return 0.0 if a == b else 1.0
+
+
+def parse_param(field: str, raw: Any, default: Any) -> ParamSpec:
+    """One hyperparameter's spec from YAML; `field` names it in errors."""
+    name = field.rsplit(".", 1)[-1]
+    is_int = isinstance(default, int) and not isinstance(default, bool)
+    if isinstance(raw, dict):
+        keys = set(raw)
+        if keys == {"choices"}:
+            choices = raw["choices"]
+            if not isinstance(choices, list) or not choices:
+                raise HarnessError(f"{field}.choices: must be a non-empty list")
+            return ParamSpec(name, "choices", choices=tuple(choices))
+        unknown = keys - {"low", "high", "log"}
+        if unknown:
+            raise HarnessError(f"{field}: unknown key '{sorted(unknown)[0]}' (a range has low, high, log; "
+                               f"or use choices)")
+        if not {"low", "high"} <= keys:
+            raise HarnessError(f"{field}: a range needs both low and high")
+        low, high, log = raw["low"], raw["high"], raw.get("log", False)
+        for k, v in (("low", low), ("high", high)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise HarnessError(f"{field}.{k}: expected a number, got {v!r}")
+            if is_int and not isinstance(v, int):
+                raise HarnessError(f"{field}.{k}: {name} is a whole number of epochs, got {v!r}")
+        if not isinstance(log, bool):
+            raise HarnessError(f"{field}.log: expected true or false, got {log!r}")
+        if not low < high:
+            raise HarnessError(f"{field}: empty or inverted range (low {low} must be below high {high})")
+        if log and low <= 0:
+            raise HarnessError(f"{field}: a log range needs low > 0, got {low}")
+        return ParamSpec(name, "int" if is_int else "float", low=low, high=high, log=log)
+    if isinstance(raw, (list, tuple)) or raw is None:
+        raise HarnessError(f"{field}: expected a number, a range {{low, high}} or {{choices: [...]}}")
+    if is_int and (isinstance(raw, bool) or not isinstance(raw, int)):
+        raise HarnessError(f"{field}: {name} is a whole number of epochs, got {raw!r}")
+    return ParamSpec(name, "fixed", value=raw)
+
+
+def check_space(prefix: str, space: dict[str, ParamSpec], budget: int) -> None:
+    """Refuse spaces where a constraint could fail: epoch splits reaching the budget,
+    ordered pairs that cannot be satisfied."""
+    for name in EPOCH_SPLITS:
+        spec = space.get(name)
+        if spec is None:
+            continue
+        if spec.lowest < 1:
+            raise HarnessError(f"{prefix}.{name}: must be at least 1, got {spec.lowest}")
+        if spec.highest >= budget:
+            raise HarnessError(f"{prefix}.{name}: {spec.highest} reaches budget.epochs ({budget}); "
+                               f"the highest allowed is {budget - 1}")
+    for a, b in ORDERED_PAIRS:
+        if a in space and b in space and space[a].lowest > space[b].lowest:
+            raise HarnessError(f"{prefix}.{a}: its lowest value ({space[a].lowest}) is above the lowest "
+                               f"{b} ({space[b].lowest}), so some trials could have {a} > {b}")
+
+
+def baseline(space: dict[str, ParamSpec], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The published defaults clipped into the space, for the params that are searched."""
+    values = {n: s.clip(defaults[n]) for n, s in space.items()}
+    for a, b in ORDERED_PAIRS:
+        if a in values and b in values and values[a] > values[b]:
+            values[a] = space[a].clip(values[b])
+    return {n: v for n, v in values.items() if space[n].kind != "fixed"}
+
+
+def _sampling_order(space: dict[str, ParamSpec]) -> list[str]:
+    # fixed values first; then, in each ordered pair, the upper one before the lower one
+    names = sorted(space, key=lambda n: space[n].kind != "fixed")
+    for a, b in ORDERED_PAIRS:
+        if a in names and b in names and space[a].kind != "fixed" and space[b].kind != "fixed":
+            names.remove(b)
+            names.insert(names.index(a), b)
+    return names
+
+
+def suggest(trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
+    """Sample every hyperparameter of `space` for an Optuna trial (fixed ones pass through)."""
+    values: dict[str, Any] = {}
+    for name in _sampling_order(space):
+        spec = space[name]
+        if spec.kind == "fixed":
+            values[name] = spec.value
+            continue
+        low, high = _bounds(name, spec, values)
+        if spec.kind == "choices":
+            allowed = [c for c in spec.choices if low <= c <= high] if low is not None else list(spec.choices)
+            values[name] = trial.suggest_categorical(name, allowed)
+        elif spec.kind == "int":
+            values[name] = trial.suggest_int(name, int(low), int(high), log=spec.log)
+        else:
+            values[name] = trial.suggest_float(name, low, high, log=spec.log)
+    return values
+
+
+def _bounds(name: str, spec: ParamSpec, values: dict[str, Any]) -> tuple:
+    low, high = spec.low, spec.high
+    for a, b in ORDERED_PAIRS:
+        if name == a and b in values:
+            high = values[b] if high is None else min(high, values[b])
+            low = -math.inf if low is None else low
+        if name == b and a in values:
+            low = values[a] if low is None else max(low, values[a])
+            high = math.inf if high is None else high
+    return low, high
+
+
+def on_boundary(spec: ParamSpec, value: Any, tol: float = 0.02) -> str | None:
+    """'low' / 'high' when `value` sits within `tol` of the range's edge (in log units for
+    log ranges): a sign the best point may lie outside the searched range."""
+    if spec.kind not in ("float", "int"):
+        return None
+    f = (lambda x: math.log(x)) if spec.log else float
+    width = f(spec.high) - f(spec.low)
+    if f(value) - f(spec.low) <= tol * width:
+        return "low"
+    if f(spec.high) - f(value) <= tol * width:
+        return "high"
+    return None

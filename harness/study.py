@@ -1,0 +1,156 @@
+"""The study file: a base recipe, an equal epoch budget, and one search space per strategy.
+
+`load_study(path)` validates everything up front (one-line errors naming the field), so a
+sweep never starts with a space that could produce an invalid trial.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+
+from harness.errors import HarnessError
+from harness.recipe import Recipe, _did_you_mean, format_validation_error, read_yaml
+from harness.space import ORDERED_PAIRS, ParamSpec, baseline, check_space, parse_param
+from harness.strategies import STRATEGIES, defaults, stages_for
+
+METRICS = {"val/accuracy": "maximize", "val/loss": "minimize"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Budget(_Strict):
+    epochs: Annotated[StrictInt, Field(ge=1)]
+
+
+class CompareConfig(_Strict):
+    seeds: Annotated[StrictInt, Field(ge=1)] = 3
+
+
+class StudyConfig(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)]
+    recipe: dict[str, Any] | str
+    budget: Budget
+    metric: Literal["val/accuracy", "val/loss"] = "val/accuracy"
+    trials: Annotated[StrictInt, Field(ge=1)] = 8
+    sampler: Literal["tpe", "gp", "random"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    strategies: Annotated[dict[str, dict[str, Any] | None], Field(min_length=1)]
+    compare: CompareConfig = CompareConfig()
+
+
+@dataclass(frozen=True)
+class Study:
+    config: StudyConfig
+    base: dict[str, Any]                            # the base recipe without stages
+    spaces: dict[str, dict[str, ParamSpec]]         # strategy -> hyperparameter -> spec
+    source: str
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def direction(self) -> str:
+        return METRICS[self.config.metric]
+
+    @property
+    def strategies(self) -> list[str]:
+        return list(self.spaces)
+
+    def baseline(self, strategy: str) -> dict[str, Any]:
+        """The strategy's published defaults, clipped into this study's ranges."""
+        return baseline(self.spaces[strategy], defaults(strategy))
+
+    def recipe_for(self, strategy: str, params: dict[str, Any], seed: int | None = None) -> Recipe:
+        """The complete recipe of one trial: base + the strategy's stages for the budget."""
+        all_params = {**defaults(strategy), **params}
+        stages = stages_for(strategy, self.config.budget.epochs, **all_params)
+        d = {**self.base, "stages": [s.model_dump(mode="json") for s in stages]}
+        if seed is not None:
+            d["seed"] = seed
+        return Recipe.from_dict(d, source=f"{self.source}: {strategy}")
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and validate a study file; every problem is one HarnessError line."""
+    path = Path(path)
+    raw = read_yaml(path)
+    try:
+        cfg = StudyConfig.model_validate(raw)
+    except ValidationError as e:
+        raise HarnessError(f"{path}: {format_validation_error(e, StudyConfig)}") from None
+    base = _base_recipe(cfg.recipe, path)
+    spaces = {}
+    for strategy, raw_space in cfg.strategies.items():
+        if strategy not in STRATEGIES:
+            raise HarnessError(f"{path}: strategies.{strategy}: unknown strategy"
+                               f"{_did_you_mean(strategy, STRATEGIES)} (known: {', '.join(STRATEGIES)})")
+        spaces[strategy] = _space(path, strategy, raw_space or {}, cfg.budget.epochs)
+    study = Study(cfg, base, spaces, str(path))
+    for strategy in spaces:
+        _probe(study, strategy)
+    return study
+
+
+def _base_recipe(recipe: dict | str, study_path: Path) -> dict:
+    if isinstance(recipe, str):
+        rp = Path(recipe)
+        rp = rp if rp.is_absolute() or rp.exists() else study_path.parent / rp
+        recipe = read_yaml(rp)
+        recipe.pop("stages", None)  # a full recipe may be reused as a base: strategies make the stages
+    elif "stages" in recipe:
+        raise HarnessError(f"{study_path}: recipe.stages: not allowed in a study (each strategy makes its stages)")
+    try:
+        Recipe.model_validate({**recipe, "stages": [{"epochs": 1, "lr": 1e-3}]})
+    except ValidationError as e:
+        raise HarnessError(f"{study_path}: recipe.{format_validation_error(e, Recipe)}") from None
+    return recipe
+
+
+def _space(path: Path, strategy: str, raw: dict, budget: int) -> dict[str, ParamSpec]:
+    known = defaults(strategy)
+    prefix = f"strategies.{strategy}"
+    space = {}
+    for name, value in raw.items():
+        if name not in known:
+            raise HarnessError(f"{path}: {prefix}.{name}: unknown hyperparameter"
+                               f"{_did_you_mean(name, known)} (known: {', '.join(known)})")
+        try:
+            space[name] = parse_param(f"{prefix}.{name}", value, known[name])
+        except HarnessError as e:
+            raise HarnessError(f"{path}: {e}") from None
+    try:
+        check_space(prefix, space, budget)
+    except HarnessError as e:
+        raise HarnessError(f"{path}: {e}") from None
+    return space
+
+
+def _probe(study: Study, strategy: str) -> None:
+    """Build the stages at each end of every range: a value that would make an invalid
+    stage (pct_start 1.5, lr 0, a budget too short for the strategy) is refused now."""
+    base = study.baseline(strategy)
+    fixed = {n: s.value for n, s in study.spaces[strategy].items() if s.kind == "fixed"}
+    candidates = [{}]
+    for name, spec in study.spaces[strategy].items():
+        if spec.kind != "fixed":
+            candidates += [{name: spec.lowest}, {name: spec.highest}]
+    for change in candidates:
+        params = {**base, **fixed, **change}
+        for a, b in ORDERED_PAIRS:
+            if a in params and b in params and params[a] > params[b]:
+                params[a] = params[b]
+        try:
+            stages_for(strategy, study.config.budget.epochs, **params)
+        except HarnessError as e:
+            raise HarnessError(f"{study.source}: strategies.{strategy}: {e}") from None
+        except ValidationError as e:
+            where = next(iter(change), "")
+            msg = format_validation_error(e, Recipe).split(": ", 1)[-1]
+            raise HarnessError(f"{study.source}: strategies.{strategy}.{where or 'defaults'}: "
+                               f"{params.get(where, '')} gives an invalid stage ({msg})") from None

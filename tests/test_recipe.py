@@ -201,8 +201,6 @@ def test_unknown_arch_suggests_the_close_arch():
     assert "'resnet19'" in msg and "did you mean 'resnet18'" in msg
 
 
-@pytest.mark.xfail(strict=True, reason="harness/recipe.py _fields_at: inside the tagged LR union it "
-                   "follows the first Union arm (the number) instead of LRSlice, so no did-you-mean")
 def test_unknown_key_in_lr_slice_suggests_min():
     with pytest.raises(HarnessError) as ei:
         Recipe.from_dict(with_stage(lr={"max": 1e-3, "mn": 1e-5}))
@@ -210,8 +208,6 @@ def test_unknown_key_in_lr_slice_suggests_min():
     assert "did you mean 'min'" in str(ei.value)
 
 
-@pytest.mark.xfail(strict=True, reason="harness/recipe.py format_loc drops every loc part named like a "
-                   "union tag ('last'), so the field stages[0].train.last is reported as stages[0].train")
 def test_bad_train_last_names_the_last_field():
     with pytest.raises(HarnessError) as ei:
         Recipe.from_dict(with_stage(train={"last": 0}))

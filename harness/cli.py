@@ -102,5 +102,126 @@ def pretrain(recipe_path, output, force, workspace, tracking_uri, device):
                f"val accuracy {meta['val_accuracy']:.4f}, test accuracy {meta['test_accuracy']:.4f}")
 
 
+storage_opt = click.option("--storage", default=None,
+                           help="Optuna storage URL (default: HARNESS_STORAGE, else WORKSPACE/optuna.db).")
+
+
+@main.command()
+@click.argument("study_path", metavar="STUDY.yaml")
+@click.option("--strategy", "strategies", multiple=True, help="Only this strategy (repeatable; default all).")
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="Trials per strategy (overrides the study).")
+@click.option("--lr-find", "use_lr_find", is_flag=True,
+              help="Centre each strategy's first trial on the LR finder's suggestion.")
+@workspace_opt
+@storage_opt
+@tracking_opt
+@_fail_cleanly
+def sweep(study_path, strategies, trials, use_lr_find, workspace, storage, tracking_uri):
+    """Run (or resume) an Optuna study per strategy; every trial is a tracked fine-tune."""
+    from harness.results import format_status, status_rows
+    from harness.study import load_study
+    from harness.sweep import run_sweep
+
+    study = load_study(study_path)
+    ws = _workspace(workspace)
+    centre = None
+    if use_lr_find:
+        from harness.lr_find import centred_first_trials
+        centre = centred_first_trials(study, ws, list(strategies) or None, echo=click.echo)
+    run_sweep(study, ws, list(strategies) or None, trials, storage, tracking_uri, centre=centre,
+              echo=click.echo)
+    click.echo(format_status(study, status_rows(study, ws, storage)))
+
+
+@main.command()
+@click.argument("study_path", metavar="STUDY.yaml")
+@workspace_opt
+@storage_opt
+@_fail_cleanly
+def status(study_path, workspace, storage):
+    """Trials done / pruned / failed / running and the best point of each strategy."""
+    from harness.results import format_status, status_rows
+    from harness.study import load_study
+
+    study = load_study(study_path)
+    click.echo(format_status(study, status_rows(study, workspace, storage)))
+
+
+@main.command()
+@click.argument("study_path", metavar="STUDY.yaml")
+@click.option("--strategy", default=None, help="Export this strategy's best (default: the best strategy).")
+@click.option("-o", "--output", default=None, help="Recipe file to write (default: WORKSPACE/exports/<study>-<strategy>.yaml).")
+@workspace_opt
+@storage_opt
+@_fail_cleanly
+def export(study_path, strategy, output, workspace, storage):
+    """Write the best trial's complete recipe; `harness train` replays it."""
+    from harness.results import export_best
+    from harness.study import load_study
+
+    study = load_study(study_path)
+    path, strat, trial = export_best(study, workspace, storage, strategy, output)
+    click.echo(f"wrote {path}: {strat} trial {trial.number}, {study.config.metric} {trial.value:.4f}")
+
+
+@main.command()
+@click.argument("study_path", metavar="STUDY.yaml")
+@click.option("--seeds", type=click.IntRange(min=1), default=None, help="Seeds per strategy (default: the study's compare.seeds).")
+@workspace_opt
+@storage_opt
+@tracking_opt
+@_fail_cleanly
+def compare(study_path, seeds, workspace, storage, tracking_uri):
+    """Re-run each strategy's best recipe over K seeds and score it on the held-out test split."""
+    from harness.results import compare as run_compare
+    from harness.results import comparison_table, markdown_table, save_comparison
+    from harness.study import load_study
+
+    study = load_study(study_path)
+    ws = _workspace(workspace)
+    cmp = run_compare(study, ws, storage, seeds, echo=click.echo)
+    out = save_comparison(study, cmp, ws, tracking_uri)
+    click.echo(markdown_table(comparison_table(cmp)))
+    click.echo(cmp.verdict())
+    click.echo(f"saved {out}/compare.csv, compare.md, compare.png")
+
+
+@main.command("lr-find")
+@click.argument("recipe_path", metavar="RECIPE.yaml")
+@click.option("-o", "--output", default=None, help="PNG plot path (default: WORKSPACE/reports/lr_find-<recipe>.png).")
+@workspace_opt
+@tracking_opt
+@device_opt
+@_fail_cleanly
+def lr_find_cmd(recipe_path, output, workspace, tracking_uri, device):
+    """fastai's LR range test on the recipe's first stage: plot and suggestions."""
+    from harness.lr_find import run_lr_find
+    from harness.recipe import Recipe
+
+    recipe = Recipe.from_yaml(recipe_path)
+    if device:
+        recipe = recipe.replace(device=device)
+    ws = _workspace(workspace)
+    out = Path(output) if output else ws / "reports" / f"lr_find-{Path(recipe_path).stem}.png"
+    result = run_lr_find(recipe, ws, out, tracking_uri)
+    for name, value in result.suggestions.items():
+        click.echo(f"{name:>8}: {value:.3g}")
+    click.echo(f"plot: {out}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it to the network).")
+@click.option("--port", type=int, default=5000, show_default=True)
+@workspace_opt
+@tracking_opt
+@_fail_cleanly
+def ui(host, port, workspace, tracking_uri):
+    """The MLflow UI on the workspace's tracking store."""
+    from harness.tracking import default_tracking_uri
+    from harness.ui import serve_ui
+
+    serve_ui(default_tracking_uri(workspace, tracking_uri), host, port)
+
+
 if __name__ == "__main__":
     main()

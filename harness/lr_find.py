@@ -300,7 +300,67 @@ def lr_find_figure(result: LRFindResult, title: str = ""):
         ax.plot([x], [y], "o", color=colors[name], label=label, zorder=3)
     if result.points:
         ax.legend(loc="best")
-    suffix = ", stopped early (diverged)" if result.stopped_early else ""
-    ax.set_title(title or f"LR finder ({n} steps{suffix})")
+    suffix = ", stopped early: the loss diverged" if result.stopped_early else ""
+    ax.set_title(title or f"LR finder: {n} steps{suffix}")
     fig.tight_layout()
     return fig
+
+
+def run_lr_find(recipe: Recipe, workspace: str | Path, plot_path: str | Path,
+                tracking_uri: str | None = None, experiment: str = "harness-lr-find") -> LRFindResult:
+    """`harness lr-find`: the range test logged as one MLflow run, with the plot saved."""
+    import matplotlib.pyplot as plt
+
+    from harness.tracking import default_tracking_uri, mlflow_run
+
+    uri = default_tracking_uri(workspace, tracking_uri)
+    with mlflow_run(uri, experiment, "lr-find", workspace, tags={"harness.kind": "lr-find"}) as tracker:
+        tracker.log_text(recipe.to_yaml(), "recipe.yaml")
+        result = lr_find(recipe, workspace, tracker=tracker)
+    plot_path = Path(plot_path)
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
+    fig = lr_find_figure(result)
+    fig.savefig(plot_path, dpi=110)
+    plt.close(fig)
+    return result
+
+
+# which hyperparameters the valley suggestion sets, per strategy (fastai's advice: the
+# valley LR is the LR of the stage the test ran on)
+def _centred(strategy: str, valley: float) -> dict[str, float]:
+    if strategy == "two_phase":       # stage 1 trains the head at 2 * lr_high
+        return {"lr_high": valley / 2, "lr_low": valley / 2 / 100}
+    if strategy == "discriminative":
+        return {"lr_high": valley, "lr_low": valley / 100}
+    if strategy == "lp_ft":
+        return {"lr_probe": valley}
+    return {"lr": valley}
+
+
+def centred_first_trials(study, workspace: str | Path, strategies: list[str] | None = None,
+                         echo=print) -> dict[str, dict[str, Any]]:
+    """Per strategy, its default first trial with the LRs moved to the LR finder's valley
+    (on that strategy's own first stage), clipped into the study's ranges."""
+    from harness.space import ORDERED_PAIRS
+
+    out = {}
+    for strategy in strategies or study.strategies:
+        first = study.baseline(strategy)
+        recipe = study.recipe_for(strategy, first)
+        result = lr_find(recipe, workspace)
+        valley = result.suggestions.get("valley")
+        if valley is None:
+            echo(f"[{strategy}] lr-find found no valley; the first trial keeps the defaults")
+            out[strategy] = first
+            continue
+        space = study.spaces[strategy]
+        for name, value in _centred(strategy, valley).items():
+            if name in space and space[name].kind != "fixed":
+                first[name] = space[name].clip(value)
+        for a, b in ORDERED_PAIRS:
+            if a in first and b in first and first[a] > first[b]:
+                first[a] = space[a].clip(first[b])
+        echo(f"[{strategy}] lr-find valley {valley:.3g}: first trial "
+             + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in first.items()))
+        out[strategy] = first
+    return out

@@ -70,3 +70,37 @@ def optuna_figures(ostudy) -> list[tuple[str, plt.Figure]]:
         fig.tight_layout()
         out.append((name, fig))
     return out
+
+
+def compare_figure(cmp) -> plt.Figure:
+    """Test accuracy per strategy (every seed a dot, mean and 95% interval) above the LR
+    curves of each strategy's best recipe."""
+    n = len(cmp.rows)
+    fig = plt.figure(figsize=(max(8, 3.2 * n), 7.5))
+    grid = fig.add_gridspec(2, n, height_ratios=[1.2, 1])
+    ax = fig.add_subplot(grid[0, :])
+    for i, r in enumerate(cmp.rows):
+        lo, hi = r.ci95()
+        ax.errorbar([i], [r.mean], yerr=[[r.mean - lo], [hi - r.mean]], fmt="s", color="black",
+                    capsize=6, zorder=3)
+        jitter = [i + 0.08 * (k - (len(r.test) - 1) / 2) for k in range(len(r.test))]
+        ax.scatter(jitter, r.test, alpha=0.7, zorder=2, label=None)
+    ax.set_xticks(range(n), [r.strategy for r in cmp.rows])
+    ax.set_ylabel("test accuracy")
+    ax.set_title(cmp.verdict(), fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    for i, r in enumerate(cmp.rows):
+        sub = fig.add_subplot(grid[1, i])
+        res = r.lr_result
+        for g, name in enumerate(res.group_names):
+            sub.plot([row[g] for row in res.lrs], label=name)
+        for s in res.stage_starts[1:]:
+            sub.axvline(s, color="black", linestyle="--", linewidth=0.8)
+        sub.set_yscale("log")
+        sub.set_title(f"{r.strategy}: best recipe LRs", fontsize=9)
+        sub.set_xlabel("step")
+        if i == 0:
+            sub.set_ylabel("learning rate")
+            sub.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,188 @@
+"""Tests for harness.tracking: flatten, batched metric logging on a real SQLite MLflow
+store, run end states, and which tracking URI is used."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import needs_fashion, tiny_recipe_dict
+from harness.recipe import Recipe
+from harness.tracking import MlflowTracker, default_tracking_uri, flatten, mlflow_run, tracked_fine_tune
+
+
+def template_store(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow SQLite store, made once per session: creating the tables
+    takes seconds, copying the file takes nothing."""
+    template = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
+    if not template.exists():
+        template.parent.mkdir(exist_ok=True)
+        client_for(f"sqlite:///{template}").search_experiments()
+    return template
+
+
+@pytest.fixture
+def uri(tmp_path, tmp_path_factory) -> str:
+    """A fresh SQLite tracking store in this test's tmp_path."""
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(template_store(tmp_path_factory), db)
+    return f"sqlite:///{db}"
+
+
+def client_for(uri: str):
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(tracking_uri=uri)
+
+
+def only_run(client, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment} was not created"
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, f"expected one run, got {len(runs)}"
+    return runs[0]
+
+
+# --- flatten ----------------------------------------------------------------------------
+
+def test_flatten_nested_dicts_lists_of_dicts_and_scalar_lists():
+    d = {"seed": 3,
+         "data": {"batch_size": 8, "classes": ["Sandal", "Bag"], "root": None},
+         "stages": [{"epochs": 1, "lr": {"max": 0.002}},
+                    {"epochs": 2, "lr": {"min": 1e-05, "max": 0.001}, "moms": [0.95, 0.85, 0.95]}]}
+    assert flatten(d) == {
+        "seed": "3",
+        "data.batch_size": "8",
+        "data.classes": "['Sandal', 'Bag']",
+        "data.root": "None",
+        "stages.0.epochs": "1",
+        "stages.0.lr.max": "0.002",
+        "stages.1.epochs": "2",
+        "stages.1.lr.min": "1e-05",
+        "stages.1.lr.max": "0.001",
+        "stages.1.moms": "[0.95, 0.85, 0.95]",
+    }
+
+
+def test_flatten_of_a_recipe_names_every_field():
+    params = flatten(Recipe.from_dict(tiny_recipe_dict()).to_dict())
+    assert params["stages.1.lr.min"] == "1e-05"
+    assert params["stages.1.lr.max"] == "0.001"
+    assert params["stages.0.lr.max"] == "0.002"
+    assert "stages.0.lr.min" not in params          # slice(max): no min
+    assert params["data.batch_size"] == "8"
+    assert params["model.arch"] == "resnet18"
+    assert params["optimizer.eps"] == "1e-05"
+    assert params["stages.1.pct_start"] == "0.3"
+    assert all(isinstance(v, str) for v in params.values())
+
+
+# --- MlflowTracker on a real store --------------------------------------------------------
+
+def test_log_steps_splits_into_batches_of_at_most_1000(uri):
+    client = client_for(uri)
+    exp_id = client.create_experiment("t")
+    run_id = client.create_run(exp_id).info.run_id
+    sizes = []
+    real_log_batch = client.log_batch
+
+    def spy(run_id_, metrics=(), params=(), tags=(), **kw):
+        sizes.append(len(metrics))
+        return real_log_batch(run_id_, metrics=metrics, params=params, tags=tags, **kw)
+
+    client.log_batch = spy
+    tracker = MlflowTracker(client, run_id)
+    a = [float(i) / 7 for i in range(1500)]
+    b = [float(-i) for i in range(700)]
+    try:
+        tracker.log_steps(5, {"a": a, "b": b})
+        tracker.log_epoch(2, {"val/accuracy": 0.5})
+        tracker.flush()
+    finally:
+        tracker.close()
+    assert sizes and max(sizes) <= 1000
+    assert sum(sizes) == 1500 + 700 + 1
+    assert len(sizes) >= 3            # 2,201 points need at least three requests
+
+    hist_a = sorted(client.get_metric_history(run_id, "a"), key=lambda m: m.step)
+    hist_b = sorted(client.get_metric_history(run_id, "b"), key=lambda m: m.step)
+    assert [m.step for m in hist_a] == list(range(5, 1505))
+    assert [m.value for m in hist_a] == pytest.approx(a, rel=1e-12)
+    assert [m.step for m in hist_b] == list(range(5, 705))
+    assert [m.value for m in hist_b] == pytest.approx(b, rel=1e-12)
+    acc = client.get_metric_history(run_id, "val/accuracy")
+    assert [(m.step, m.value) for m in acc] == [(2, 0.5)]
+
+
+# --- mlflow_run end states ------------------------------------------------------------------
+
+def test_mlflow_run_ends_finished(tmp_path, uri):
+    with mlflow_run(uri, "exp", "ok-run", tmp_path, tags={"harness.kind": "test"}) as tracker:
+        tracker.log_epoch(1, {"val/accuracy": 0.75})
+    run = only_run(client_for(uri), "exp")
+    assert run.info.run_id == tracker.run_id
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "ok-run"
+    assert run.data.tags["harness.kind"] == "test"
+    assert "harness.reason" not in run.data.tags
+    assert run.data.metrics["val/accuracy"] == 0.75        # flushed before the run ended
+
+
+def test_mlflow_run_ends_failed_with_reason_on_an_exception(tmp_path, uri):
+    with pytest.raises(ValueError, match="boom"):
+        with mlflow_run(uri, "exp", "bad-run", tmp_path):
+            raise ValueError("boom")
+    run = only_run(client_for(uri), "exp")
+    assert run.info.status == "FAILED"
+    assert "boom" in run.data.tags["harness.reason"]
+    assert "ValueError" in run.data.tags["harness.reason"]
+
+
+def test_mlflow_run_ends_killed_on_keyboard_interrupt(tmp_path, uri):
+    with pytest.raises(KeyboardInterrupt):
+        with mlflow_run(uri, "exp", "ctrl-c", tmp_path):
+            raise KeyboardInterrupt
+    run = only_run(client_for(uri), "exp")
+    assert run.info.status == "KILLED"
+
+
+def test_mlflow_run_parent_id_is_recorded(tmp_path, uri):
+    with mlflow_run(uri, "exp", "parent", tmp_path) as parent:
+        with mlflow_run(uri, "exp", "child", tmp_path, parent_run_id=parent.run_id) as child:
+            pass
+    client = client_for(uri)
+    assert client.get_run(child.run_id).data.tags["mlflow.parentRunId"] == parent.run_id
+    assert client.get_run(parent.run_id).info.status == "FINISHED"
+
+
+@needs_fashion
+def test_diverged_tracked_fine_tune_ends_the_run_failed(uri, workspace):
+    recipe = Recipe.from_dict(tiny_recipe_dict(stages=[{"epochs": 2, "train": "all", "lr": 1e6}]))
+    with mlflow_run(uri, "exp", "diverge", workspace) as tracker:
+        result = tracked_fine_tune(recipe, tracker, workspace)      # no exception
+    assert result.status.startswith("diverged at step ")
+    run = only_run(client_for(uri), "exp")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["harness.reason"] == result.status
+    assert run.data.tags["harness.status"] == result.status
+    assert "test/accuracy" not in run.data.metrics
+
+
+# --- default_tracking_uri -----------------------------------------------------------------
+
+def test_default_tracking_uri_precedence(tmp_path, monkeypatch):
+    ws = tmp_path / "ws"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////env/mlflow.db")
+    assert default_tracking_uri(ws, "http://explicit:5000") == "http://explicit:5000"
+    assert default_tracking_uri(ws) == "sqlite:////env/mlflow.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert default_tracking_uri(ws) == f"sqlite:///{ws.resolve() / 'mlflow.db'}"
+    assert default_tracking_uri(ws, "sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_default_tracking_uri_resolves_a_relative_workspace(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri = default_tracking_uri("rel-ws")
+    assert uri == f"sqlite:///{(tmp_path / 'rel-ws').resolve() / 'mlflow.db'}"
+    assert Path(uri.removeprefix("sqlite:///")).is_absolute()

@@ -8,7 +8,8 @@
     / seconds of the same fine_tune with the NullTracker.              target <= 1.02
 
     python bench/bench_train.py [--device cpu|cuda|auto] [--arch resnet18] [--image-size 32]
-        [--batch-size 64] [--steps-per-epoch 20] [--epochs 3] [--repeats 3] [--json OUT]
+        [--batch-size 64] [--steps-per-epoch 20] [--epochs 3] [--repeats 3] [--threads N]
+        [--json OUT]
 
 How and why it is measured this way: bench/README.md. Only harness's public functions
 are used; the one patch is harness.data.load_dataset, swapped for the synthetic data
@@ -91,8 +92,31 @@ def sync(device: torch.device) -> None:
 
 # ------------------------------------------------------------------ the two sides of (a)
 
-def bare_loop(split: data_mod.Split, recipe: Recipe, device: torch.device, epochs: int) -> float:
-    """Seconds for `epochs` epochs of a plain PyTorch loop; the model is built before the clock."""
+def normalizer(device: torch.device, use_harness: bool):
+    """harness.data.normalize's arithmetic with its constants made once, on the device.
+
+    harness.data.normalize builds its mean/std with torch.tensor(..., device=x.device) on
+    every call; on CUDA that is a blocking host-to-device copy (a host sync) per batch, which
+    a bare loop would not do. `use_harness` makes the bare loop call it anyway, to isolate
+    that cost: the two runs differ only there."""
+    if use_harness:
+        return data_mod.normalize
+    mean = torch.tensor(data_mod.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(data_mod.IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        x = x.float().div_(255.0)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return (x - mean) / std
+    return normalize
+
+
+def bare_loop(split: data_mod.Split, recipe: Recipe, device: torch.device, epochs: int,
+              harness_normalize: bool = False) -> tuple[float, float]:
+    """(seconds for `epochs` epochs of a plain PyTorch loop, CPU seconds of the whole call).
+    The model is built before the wall clock starts, as fine_tune builds it before its own."""
+    c0 = time.process_time()
     cuda = device.type == "cuda"
     fmt = torch.channels_last if cuda else torch.contiguous_format
     torch.manual_seed(recipe.seed)
@@ -102,6 +126,7 @@ def bare_loop(split: data_mod.Split, recipe: Recipe, device: torch.device, epoch
     model.train()
     set_trainable(model, len(model), recipe.model.train_bn)   # train: all (a no-op, as in the harness)
     gen = torch.Generator(device=device).manual_seed(recipe.seed)
+    normalize = normalizer(device, harness_normalize)
     bs, n = recipe.data.batch_size, len(split.y)
     opt_cfg = recipe.optimizer
     sync(device)
@@ -113,7 +138,7 @@ def bare_loop(split: data_mod.Split, recipe: Recipe, device: torch.device, epoch
         order = torch.randperm(n, generator=gen, device=device)
         for step in range(n // bs):
             idx = order[step * bs:(step + 1) * bs]
-            x, y = data_mod.normalize(split.x[idx]), split.y[idx]
+            x, y = normalize(split.x[idx]), split.y[idx]
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -123,19 +148,20 @@ def bare_loop(split: data_mod.Split, recipe: Recipe, device: torch.device, epoch
             opt.step()
             opt.zero_grad(set_to_none=True)
     sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
-def harness_stage(ds: data_mod.Dataset, recipe: Recipe, workspace: Path, progress: bool,
-                  tracker=None) -> tuple[float, float, int]:
-    """(the harness's own clock of its stages = Result.seconds, wall time of the call, steps)."""
+def harness_stage(ds: data_mod.Dataset, recipe: Recipe, workspace: Path,
+                  progress: bool) -> tuple[float, float, int]:
+    """(the harness's own clock of its stages = Result.seconds, CPU seconds of the whole call,
+    steps run)."""
     with serving(ds):
-        t0 = time.perf_counter()
-        result = fine_tune(recipe, tracker or NullTracker(), workspace=workspace, progress=progress)
-        wall = time.perf_counter() - t0
+        c0 = time.process_time()
+        result = fine_tune(recipe, NullTracker(), workspace=workspace, progress=progress)
+        cpu = time.process_time() - c0
     if not result.ok:
         raise SystemExit(f"harness run failed: {result.status}")
-    return result.seconds, wall, len(result.lrs)
+    return result.seconds, cpu, len(result.lrs)
 
 
 # ------------------------------------------------------------------ (b): MLflow on / off
@@ -143,43 +169,46 @@ def harness_stage(ds: data_mod.Dataset, recipe: Recipe, workspace: Path, progres
 def mlflow_store(tmp: Path) -> str:
     """A fresh SQLite store; created (schema migrations) before any clock runs."""
     from harness.tracking import get_experiment_id, make_client
+    import mlflow  # noqa: F401  (configures its loggers on import; quiet them afterwards)
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     get_experiment_id(make_client(uri), "bench", tmp / "artifacts")
     return uri
 
 
-def with_mlflow(ds, recipe, uri: str, workspace: Path, name: str) -> float:
+def without_mlflow(ds, recipe, workspace: Path) -> tuple[float, float]:
+    with serving(ds):
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = fine_tune(recipe, NullTracker(), workspace=workspace)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    assert result.ok, result.status
+    return seconds, cpu
+
+
+def with_mlflow(ds, recipe, uri: str, workspace: Path, name: str) -> tuple[float, float]:
     """fine_tune logging to a live run; the clock stops once every metric is in the store
-    (tracker.flush). Run creation and closing are outside the clock (see end_to_end)."""
+    (tracker.flush). Opening and closing the run are outside the clock (see end_to_end)."""
     from harness.tracking import mlflow_run
     with mlflow_run(uri, "bench", name, workspace) as tracker, serving(ds):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = fine_tune(recipe, tracker, workspace=workspace)
         tracker.flush()
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert result.ok, result.status
-    return seconds
+    return seconds, cpu
 
 
-def without_mlflow(ds, recipe, workspace: Path) -> float:
-    with serving(ds):
-        t0 = time.perf_counter()
-        result = fine_tune(recipe, NullTracker(), workspace=workspace)
-        seconds = time.perf_counter() - t0
-    assert result.ok, result.status
-    return seconds
-
-
-def end_to_end(ds, recipe, uri: str, workspace: Path, name: str) -> float:
-    """What `harness train` does: open the run, tracked_fine_tune (params, recipe YAML, per-step
-    curves, LR plot), close the run. Informational: includes fixed per-run costs."""
+def end_to_end(ds, recipe, uri: str, workspace: Path, name: str) -> tuple[float, float]:
+    """What `harness train` does: open the run, tracked_fine_tune (params, recipe YAML,
+    per-step curves, LR plot), close the run. Informational: it adds fixed per-run costs."""
     from harness.tracking import mlflow_run, tracked_fine_tune
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with mlflow_run(uri, "bench", name, workspace) as tracker, serving(ds):
         result = tracked_fine_tune(recipe, tracker, workspace=workspace)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert result.ok, result.status
-    return seconds
+    return seconds, cpu
 
 
 # ------------------------------------------------------------------ reporting
@@ -193,7 +222,7 @@ def device_name(device: torch.device) -> str:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return f"CPU, {torch.get_num_threads()} threads ({model})"
+    return f"CPU, {cores()} cores ({model})"
 
 
 def cores() -> int:
@@ -210,9 +239,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps-per-epoch", type=int, default=20)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads, the same for both sides (default: the cores this process may use)")
     p.add_argument("--warmup-steps", type=int, default=3, help="steps each side runs before any clock")
     p.add_argument("--progress", action="store_true",
-                   help="harness side of (a) with its tqdm bar on, as `harness train` runs it")
+                   help="run the harness side of (a) with its tqdm bar on, as `harness train` does")
+    p.add_argument("--bare-harness-normalize", action="store_true",
+                   help="the bare loop calls harness.data.normalize (a host sync per batch on CUDA) "
+                        "instead of the same arithmetic with constants made once")
     p.add_argument("--skip-mlflow", action="store_true", help="measure (a) only")
     p.add_argument("--json", metavar="OUT", help="also write every measurement to this file")
     return p.parse_args(argv)
@@ -222,39 +256,49 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def rotations(names: list[str], r: int) -> list[str]:
+    """Repeat r runs the variants in a rotated order, so slow drift hits every one alike."""
+    k = r % len(names)
+    return names[k:] + names[:k]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore")
-    logging.getLogger("mlflow").setLevel(logging.ERROR)
-    logging.getLogger("alembic").setLevel(logging.ERROR)
-    torch.set_num_threads(cores())   # one setting, in force for both sides of every ratio
+    torch.set_num_threads(args.threads or cores())   # one setting, in force for both sides
     device = resolve_device(args.device)
+    cuda = device.type == "cuda"
     bs, spe, epochs = args.batch_size, args.steps_per_epoch, args.epochs
     steps = spe * epochs
     images = steps * bs
 
     print(f"device  {device_name(device)}")
-    print(f"torch   {torch.__version__}   threads {torch.get_num_threads()}   python {platform.python_version()}")
-    print(f"work    {args.arch} @ {args.image_size}px, batch {bs}, {spe} steps x {epochs} epochs "
-          f"= {steps} steps, {'bf16 autocast, channels_last, fused AdamW' if device.type == 'cuda' else 'fp32, AdamW'}, "
+    print(f"torch   {torch.__version__}   torch threads {torch.get_num_threads()}   "
+          f"python {platform.python_version()}")
+    print(f"work    {args.arch} @ {args.image_size}px, batch {bs}, {spe} steps x {epochs} epochs = "
+          f"{steps} steps ({images} images) per run, "
+          f"{'bf16 autocast, channels_last, fused AdamW' if cuda else 'fp32, AdamW'}, "
           f"{args.repeats} repeats", flush=True)
 
     # (a): no val/test images, so fine_tune's evaluations return at once and Result.seconds
     # covers exactly the stage: set_trainable, optimizer, steps, per-epoch loss read and log.
     ds_a = synthetic_dataset(spe * bs, 0, args.image_size, device)
-    # (b): a realistic run with small val/test splits (2 batches each) evaluated every epoch.
+    # (b): a realistic run: small val/test splits (2 batches each), evaluated every epoch.
     ds_b = synthetic_dataset(spe * bs, 2 * bs, args.image_size, device, seed=1)
     ds_warm = synthetic_dataset(args.warmup_steps * bs, 2 * bs, args.image_size, device, seed=2)
-    recipe = make_recipe(args, device, epochs)
-    warm_recipe = make_recipe(args, device, 1)
-    out: dict = {"device": device_name(device), "torch": torch.__version__, "config": vars(args),
+    recipe, warm_recipe = make_recipe(args, device, epochs), make_recipe(args, device, 1)
+    sample = ds_a.train.x[:4]
+    assert torch.equal(normalizer(device, False)(sample), data_mod.normalize(sample)), \
+        "the bare loop's normalize must compute exactly what harness.data.normalize does"
+    out: dict = {"device": device_name(device), "torch": torch.__version__,
+                 "torch_threads": torch.get_num_threads(), "config": vars(args),
                  "images_per_run": images}
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp_name:
         tmp = Path(tmp_name)
-        # warm-up: cudnn autotuning, the caching allocator, lazy imports, first-call costs
+        # warm-up: cudnn autotuning, the caching allocator, lazy imports, the SQLite schema
         t0 = time.perf_counter()
-        bare_loop(ds_warm.train, warm_recipe, device, 1)
+        bare_loop(ds_warm.train, warm_recipe, device, 1, args.bare_harness_normalize)
         harness_stage(ds_warm, warm_recipe, tmp, args.progress)
         uri = None
         if not args.skip_mlflow:
@@ -262,68 +306,86 @@ def main(argv=None) -> int:
             end_to_end(ds_warm, warm_recipe, uri, tmp, "warmup")
         print(f"warm-up {time.perf_counter() - t0:.1f} s", flush=True)
 
-        # (a) alternate the order (bare first, harness first, ...) so drift hits both sides
-        bare_s, harness_s, harness_wall = [], [], []
+        # (a) bare, harness / harness, bare / ...
+        a = {k: [] for k in ("bare_s", "harness_s", "bare_cpu_s", "harness_cpu_s")}
         for r in range(args.repeats):
-            for side in (("bare", "harness") if r % 2 == 0 else ("harness", "bare")):
+            for side in rotations(["bare", "harness"], r):
                 if side == "bare":
-                    bare_s.append(bare_loop(ds_a.train, recipe, device, epochs))
+                    sec, cpu = bare_loop(ds_a.train, recipe, device, epochs, args.bare_harness_normalize)
                 else:
-                    sec, wall, n_steps = harness_stage(ds_a, recipe, tmp, args.progress)
+                    sec, cpu, n_steps = harness_stage(ds_a, recipe, tmp, args.progress)
                     assert n_steps == steps, (n_steps, steps)
-                    harness_s.append(sec)
-                    harness_wall.append(wall)
-            print(f"  (a) repeat {r + 1}: bare {images / bare_s[-1]:.1f} img/s, "
-                  f"harness {images / harness_s[-1]:.1f} img/s", flush=True)
-        ips_bare, ips_harness = images / median(bare_s), images / median(harness_s)
-        ratio_a = ips_harness / ips_bare
-        out["a"] = {"bare_seconds": bare_s, "harness_seconds": harness_s,
-                    "harness_wall_seconds_incl_model_build": harness_wall,
-                    "images_per_s_bare": ips_bare, "images_per_s_harness": ips_harness,
-                    "paired_ratios": [b / h for b, h in zip(bare_s, harness_s)],
-                    "ratio": ratio_a, "target": TARGET_A, "pass": ratio_a >= TARGET_A}
+                a[f"{side}_s"].append(sec)
+                a[f"{side}_cpu_s"].append(cpu)
+            print(f"  (a) repeat {r + 1}: bare {images / a['bare_s'][-1]:7.1f} img/s   "
+                  f"harness {images / a['harness_s'][-1]:7.1f} img/s", flush=True)
+        ips_bare, ips_harness = images / median(a["bare_s"]), images / median(a["harness_s"])
+        a.update(images_per_s_bare=ips_bare, images_per_s_harness=ips_harness,
+                 ratio=ips_harness / ips_bare, target=TARGET_A, passed=ips_harness / ips_bare >= TARGET_A,
+                 paired_ratios=[b / h for b, h in zip(a["bare_s"], a["harness_s"])],
+                 cpu_ratio=median(a["bare_cpu_s"]) / median(a["harness_cpu_s"]))
+        out["a"] = a
 
-        # (b) rotate the order of the three variants per repeat
+        # (b) null, mlflow, end-to-end, rotated per repeat
         if not args.skip_mlflow:
-            runs: dict[str, list[float]] = {"null": [], "mlflow": [], "end_to_end": []}
-            order = ["null", "mlflow", "end_to_end"]
+            kinds = ["null", "mlflow", "end_to_end"]
+            b = {f"{k}_{u}": [] for k in kinds for u in ("s", "cpu_s")}
             for r in range(args.repeats):
-                for kind in order[r % 3:] + order[:r % 3]:
+                for kind in rotations(kinds, r):
                     if kind == "null":
-                        runs[kind].append(without_mlflow(ds_b, recipe, tmp))
+                        sec, cpu = without_mlflow(ds_b, recipe, tmp)
                     elif kind == "mlflow":
-                        runs[kind].append(with_mlflow(ds_b, recipe, uri, tmp, f"loop-{r}"))
+                        sec, cpu = with_mlflow(ds_b, recipe, uri, tmp, f"loop-{r}")
                     else:
-                        runs[kind].append(end_to_end(ds_b, recipe, uri, tmp, f"e2e-{r}"))
-                print(f"  (b) repeat {r + 1}: null {runs['null'][-1]:.2f} s, mlflow {runs['mlflow'][-1]:.2f} s, "
-                      f"end-to-end {runs['end_to_end'][-1]:.2f} s", flush=True)
-            s_null, s_mlflow, s_e2e = (median(runs[k]) for k in order)
-            ratio_b = s_mlflow / s_null
-            out["b"] = {"null_seconds": runs["null"], "mlflow_seconds": runs["mlflow"],
-                        "end_to_end_seconds": runs["end_to_end"], "ratio": ratio_b,
-                        "end_to_end_ratio": s_e2e / s_null, "target": TARGET_B,
-                        "pass": ratio_b <= TARGET_B}
+                        sec, cpu = end_to_end(ds_b, recipe, uri, tmp, f"end-to-end-{r}")
+                    b[f"{kind}_s"].append(sec)
+                    b[f"{kind}_cpu_s"].append(cpu)
+                print(f"  (b) repeat {r + 1}: null {b['null_s'][-1]:.2f} s   mlflow {b['mlflow_s'][-1]:.2f} s"
+                      f"   end-to-end {b['end_to_end_s'][-1]:.2f} s", flush=True)
+            ratio_b = median(b["mlflow_s"]) / median(b["null_s"])
+            b.update(ratio=ratio_b, target=TARGET_B, passed=ratio_b <= TARGET_B,
+                     paired_ratios=[m / n for m, n in zip(b["mlflow_s"], b["null_s"])],
+                     end_to_end_ratio=median(b["end_to_end_s"]) / median(b["null_s"]),
+                     cpu_ratio=median(b["mlflow_cpu_s"]) / median(b["null_cpu_s"]))
+            out["b"] = b
 
-    verdict = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
-    a = out["a"]
-    print()
-    print(f"{'measure':<44}{'value':>12}  target")
-    print(f"{'(a) images/s, bare PyTorch loop':<44}{a['images_per_s_bare']:>12.1f}")
-    print(f"{'(a) images/s, harness fine_tune stage':<44}{a['images_per_s_harness']:>12.1f}")
-    print(f"{'(a) ratio harness / bare':<44}{a['ratio']:>12.3f}  >= {TARGET_A}  {verdict(a['pass'])}")
-    print(f"{'    paired ratios per repeat':<44}{'  '.join(f'{x:.3f}' for x in a['paired_ratios']):>12}")
-    if "b" in out:
-        b = out["b"]
-        print(f"{'(b) seconds, fine_tune with NullTracker':<44}{median(b['null_seconds']):>12.2f}")
-        print(f"{'(b) seconds, fine_tune with MlflowTracker':<44}{median(b['mlflow_seconds']):>12.2f}")
-        print(f"{'(b) ratio with / without MLflow':<44}{b['ratio']:>12.3f}  <= {TARGET_B}  {verdict(b['pass'])}")
-        print(f"{'    end-to-end tracked run (info)':<44}{median(b['end_to_end_seconds']):>12.2f}"
-              f"  = {b['end_to_end_ratio']:.3f} x null (run open/close, params, LR plot)")
+    print_table(out, cuda)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def print_table(out: dict, cuda: bool) -> None:
+    def row(label: str, value: str, note: str = "") -> None:
+        print(f"{label:<46}{value:>10}  {note}".rstrip())
+
+    def verdict(ok: bool) -> str:
+        return "PASS" if ok else "FAIL"
+
+    a = out["a"]
+    print()
+    print(f"device {out['device']} | torch {out['torch']} | {out['torch_threads']} torch threads")
+    row("measure", "value", "target")
+    row("(a) images/s, bare PyTorch loop", f"{a['images_per_s_bare']:.1f}")
+    row("(a) images/s, harness fine_tune stage", f"{a['images_per_s_harness']:.1f}")
+    row("(a) ratio harness / bare", f"{a['ratio']:.3f}", f">= {TARGET_A}  {verdict(a['passed'])}")
+    row("    per repeat", "", " ".join(f"{x:.3f}" for x in a["paired_ratios"]))
+    if not cuda:
+        row("    CPU-seconds ratio bare / harness (info)", f"{a['cpu_ratio']:.3f}",
+            "whole calls, model build included")
+    if "b" in out:
+        b = out["b"]
+        row("(b) seconds, fine_tune, NullTracker", f"{median(b['null_s']):.2f}")
+        row("(b) seconds, fine_tune, MlflowTracker", f"{median(b['mlflow_s']):.2f}")
+        row("(b) ratio with / without MLflow", f"{b['ratio']:.3f}", f"<= {TARGET_B}  {verdict(b['passed'])}")
+        row("    per repeat", "", " ".join(f"{x:.3f}" for x in b["paired_ratios"]))
+        if not cuda:
+            row("    CPU-seconds ratio with / without (info)", f"{b['cpu_ratio']:.3f}",
+                "logging thread included")
+        row("    end-to-end tracked run (info)", f"{median(b['end_to_end_s']):.2f}",
+            f"= {b['end_to_end_ratio']:.3f} x null: run open/close, params, LR plot")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,13 @@ def _workspace(path: str) -> Path:
     return ws
 
 
+def _recipe(path: str, device: str | None):
+    """The recipe at `path`, with --device applied when given."""
+    from harness.recipe import Recipe
+    recipe = Recipe.from_yaml(path)
+    return recipe.replace(device=device) if device else recipe
+
+
 workspace_opt = click.option("--workspace", default="workspace", show_default=True,
                              help="Folder for caches, checkpoints, mlflow.db and artifacts.")
 tracking_opt = click.option("--tracking-uri", default=None,
@@ -59,13 +66,10 @@ def main() -> None:
 @_fail_cleanly
 def train(recipe_path, workspace, tracking_uri, device, experiment):
     """Fine-tune once as RECIPE.yaml says, logging the run to MLflow."""
-    from harness.recipe import Recipe
     from harness.report import summary_table
     from harness.tracking import default_tracking_uri, mlflow_run, tracked_fine_tune
 
-    recipe = Recipe.from_yaml(recipe_path)
-    if device:
-        recipe = recipe.replace(device=device)
+    recipe = _recipe(recipe_path, device)
     ws = _workspace(workspace)
     uri = default_tracking_uri(ws, tracking_uri)
     with mlflow_run(uri, experiment, Path(recipe_path).stem, ws,
@@ -89,11 +93,8 @@ def train(recipe_path, workspace, tracking_uri, device, experiment):
 def pretrain(recipe_path, output, force, workspace, tracking_uri, device):
     """Pretrain a backbone as RECIPE.yaml says and save it (skipped if already done)."""
     from harness.pretrain import pretrain as run_pretrain
-    from harness.recipe import Recipe
 
-    recipe = Recipe.from_yaml(recipe_path)
-    if device:
-        recipe = recipe.replace(device=device)
+    recipe = _recipe(recipe_path, device)
     ws = _workspace(workspace)
     out = Path(output) if output else ws / "checkpoints" / f"{Path(recipe_path).stem}.pt"
     meta = run_pretrain(recipe, out, ws, tracking_uri, force=force, progress=True)
@@ -196,11 +197,8 @@ def compare(study_path, seeds, workspace, storage, tracking_uri):
 def lr_find_cmd(recipe_path, output, workspace, tracking_uri, device):
     """fastai's LR range test on the recipe's first stage: plot and suggestions."""
     from harness.lr_find import run_lr_find
-    from harness.recipe import Recipe
 
-    recipe = Recipe.from_yaml(recipe_path)
-    if device:
-        recipe = recipe.replace(device=device)
+    recipe = _recipe(recipe_path, device)
     ws = _workspace(workspace)
     out = Path(output) if output else ws / "reports" / f"lr_find-{Path(recipe_path).stem}.png"
     result = run_lr_find(recipe, ws, out, tracking_uri)

@@ -45,9 +45,9 @@ from torch import nn
 
 from harness import data as data_mod
 from harness.errors import HarnessError
-from harness.models import build_model, set_trainable
+from harness.models import set_trainable
 from harness.recipe import Recipe
-from harness.train import _autocast, _memory_format, make_optimizer, resolve_device
+from harness.train import _autocast, _memory_format, make_optimizer, prepare
 
 SMOOTH_BETA = 0.98          # fastai's AvgSmoothLoss
 DIVERGENCE_FACTOR = 4.0     # stop when smoothed loss > 4 x the best so far
@@ -191,26 +191,14 @@ def lr_find(recipe: Recipe, workspace: str | Path = "workspace", start_lr: float
     beta1 = FASTAI_LR_FIND_MOM if mom is None else mom
     if not 0 <= beta1 < 1:
         raise HarnessError(f"lr_find: mom must be in [0, 1), got {beta1}")
-    dev = resolve_device(device or recipe.device)
-    torch.manual_seed(recipe.seed)
     t_start = time.perf_counter()
-
-    ds = data_mod.load_dataset(recipe.data, Path(workspace), recipe.seed)
-    train_split = data_mod.to_device(ds.train, dev)
-    bs = recipe.data.batch_size
-    n_iter = data_mod.steps_per_epoch(len(train_split.y), bs)
-    if n_iter == 0:
-        raise HarnessError(f"data.batch_size: {bs} is larger than the training set "
-                           f"({len(train_split.y)} images)")
-
-    model = build_model(recipe.model.arch, len(ds.class_names), recipe.model.weights, recipe.model.head)
-    model = model.to(dev, memory_format=torch.channels_last if dev.type == "cuda" else torch.contiguous_format)
-    model.train()
+    run = prepare(recipe, workspace, device)
+    dev, train_split, model, gen = run.device, run.train, run.model, run.generator
+    bs, n_iter = recipe.data.batch_size, run.n_iter
     stage = recipe.stages[0]
     set_trainable(model, stage.trainable_groups(len(model)), recipe.model.train_bn)
     opt = make_optimizer(model, stage, recipe, dev)
     sqr_mom = recipe.optimizer.sqr_mom
-    gen = torch.Generator(device=dev).manual_seed(recipe.seed)
 
     sched_it = max(num_it, MIN_ITERATIONS)                   # the schedule's length (fastai)
     max_steps = min(sched_it, (num_it // n_iter + 1) * n_iter)  # fastai fits this many epochs at most

@@ -47,6 +47,13 @@ class ParamSpec:
         return int(round(v)) if self.kind == "int" else float(v)
 
 
+    def clip_below(self, bound: Any) -> Any:
+        """The value of this space nearest to `bound` from below (check_space makes one exist)."""
+        if self.kind == "choices":
+            return max(c for c in self.choices if c <= bound)
+        return self.clip(bound)
+
+
 def _distance(a: Any, b: Any) -> float:
     try:
         return abs(float(a) - float(b))
@@ -104,7 +111,15 @@ def check_space(prefix: str, space: dict[str, ParamSpec], budget: int) -> None:
             raise HarnessError(f"{prefix}.{name}: {spec.highest} reaches budget.epochs ({budget}); "
                                f"the highest allowed is {budget - 1}")
     for a, b in ORDERED_PAIRS:
-        if a in space and b in space and space[a].lowest > space[b].lowest:
+        if a not in space or b not in space:
+            continue
+        kinds = {space[a].kind, space[b].kind}
+        if "choices" in kinds and "fixed" not in kinds:
+            # Optuna needs the same choices in every trial; bounding them by the partner's
+            # draw would change them, so ordered pairs use ranges (or one fixed side)
+            raise HarnessError(f"{prefix}.{a}: with {b} also searched, {a} and {b} must be ranges "
+                               f"{{low, high}}, not choices (choices cannot keep {a} <= {b})")
+        if space[a].lowest > space[b].lowest:
             raise HarnessError(f"{prefix}.{a}: its lowest value ({space[a].lowest}) is above the lowest "
                                f"{b} ({space[b].lowest}), so some trials could have {a} > {b}")
 
@@ -114,7 +129,7 @@ def baseline(space: dict[str, ParamSpec], defaults: dict[str, Any]) -> dict[str,
     values = {n: s.clip(defaults[n]) for n, s in space.items()}
     for a, b in ORDERED_PAIRS:
         if a in values and b in values and values[a] > values[b]:
-            values[a] = space[a].clip(values[b])
+            values[a] = space[a].clip_below(values[b])
     return {n: v for n, v in values.items() if space[n].kind != "fixed"}
 
 

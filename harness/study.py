@@ -134,14 +134,15 @@ def _space(path: Path, strategy: str, raw: dict, budget: int) -> dict[str, Param
 def _probe(study: Study, strategy: str) -> None:
     """Build the stages at each end of every range: a value that would make an invalid
     stage (pct_start 1.5, lr 0, a budget too short for the strategy) is refused now."""
+    space = study.spaces[strategy]
     base = study.baseline(strategy)
-    fixed = {n: s.value for n, s in study.spaces[strategy].items() if s.kind == "fixed"}
-    candidates = [{}]
-    for name, spec in study.spaces[strategy].items():
-        if spec.kind != "fixed":
-            candidates += [{name: spec.lowest}, {name: spec.highest}]
-    for change in candidates:
-        params = {**base, **fixed, **change}
+    fixed = {n: s.value for n, s in space.items() if s.kind == "fixed"}
+    # each hyperparameter alone at each of its ends (fixed ones at their value), then all defaults
+    candidates = [(name, value) for name, spec in space.items()
+                  for value in dict.fromkeys((spec.lowest, spec.highest))]
+    candidates.append((None, None))
+    for name, value in candidates:
+        params = {**base, **fixed, **({name: value} if name else {})}
         for a, b in ORDERED_PAIRS:
             if a in params and b in params and params[a] > params[b]:
                 params[a] = params[b]
@@ -149,8 +150,9 @@ def _probe(study: Study, strategy: str) -> None:
             stages_for(strategy, study.config.budget.epochs, **params)
         except HarnessError as e:
             raise HarnessError(f"{study.source}: strategies.{strategy}: {e}") from None
-        except ValidationError as e:
-            where = next(iter(change), "")
-            msg = format_validation_error(e, Recipe).split(": ", 1)[-1]
-            raise HarnessError(f"{study.source}: strategies.{strategy}.{where or 'defaults'}: "
-                               f"{params.get(where, '')} gives an invalid stage ({msg})") from None
+        except (ValidationError, TypeError) as e:
+            msg = (format_validation_error(e, Recipe).split(": ", 1)[-1]
+                   if isinstance(e, ValidationError) else str(e))
+            where = f".{name}: {value!r}" if name else ": the defaults"
+            raise HarnessError(f"{study.source}: strategies.{strategy}{where} gives an invalid stage "
+                               f"({msg})") from None

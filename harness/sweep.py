@@ -92,7 +92,7 @@ def count_trials(ostudy: optuna.Study) -> Counts:
             c.complete += 1
         elif t.state == optuna.trial.TrialState.PRUNED:
             c.pruned += 1
-        elif t.state == optuna.trial.TrialState.FAILED:
+        elif t.state == optuna.trial.TrialState.FAIL:
             if "failure" in t.user_attrs:
                 c.failed += 1
             else:

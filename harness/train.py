@@ -7,6 +7,7 @@ loop: losses and accuracies stay on the device and are read once per epoch.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,37 @@ def _memory_format(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
+@dataclass
+class Prepared:
+    """Everything a loop over training batches needs, built the same way for every user."""
+    device: torch.device
+    dataset: data_mod.Dataset
+    train: data_mod.Split            # on the device
+    n_iter: int                      # optimizer steps per epoch
+    model: TransferModel             # on the device, in train mode
+    generator: torch.Generator       # seeded, on the device: shuffling and augmentation
+
+
+def prepare(recipe: Recipe, workspace: str | Path = "workspace", device: str | None = None) -> Prepared:
+    """Seed, pick the device, load the data and build the model as the recipe says."""
+    dev = resolve_device(device or recipe.device)
+    torch.manual_seed(recipe.seed)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    ds = data_mod.load_dataset(recipe.data, Path(workspace), recipe.seed)
+    train_split = data_mod.to_device(ds.train, dev)
+    bs = recipe.data.batch_size
+    n_iter = data_mod.steps_per_epoch(len(train_split.y), bs)
+    if n_iter == 0:
+        raise HarnessError(f"data.batch_size: {bs} is larger than the training set "
+                           f"({len(train_split.y)} images)")
+    model = build_model(recipe.model.arch, len(ds.class_names), recipe.model.weights, recipe.model.head)
+    model = model.to(dev, memory_format=torch.channels_last if dev.type == "cuda" else torch.contiguous_format)
+    model.train()
+    gen = torch.Generator(device=dev).manual_seed(recipe.seed)
+    return Prepared(dev, ds, train_split, n_iter, model, gen)
+
+
 def fine_tune(recipe: Recipe, tracker: Tracker | None = None,
               report: Callable[[int, float | None], None] | None = None,
               workspace: str | Path = "workspace", progress: bool = False,
@@ -123,23 +155,10 @@ def fine_tune(recipe: Recipe, tracker: Tracker | None = None,
     every epoch (a pruner may raise from it). Returns the Result with the trained model.
     Sweeps pass `evaluate_test=False`: the test split is never looked at while tuning."""
     tracker = tracker or NullTracker()
-    dev = resolve_device(device or recipe.device)
-    torch.manual_seed(recipe.seed)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    ds = data_mod.load_dataset(recipe.data, Path(workspace), recipe.seed)
-    train_split, val_split = data_mod.to_device(ds.train, dev), data_mod.to_device(ds.val, dev)
+    run = prepare(recipe, workspace, device)
+    dev, ds, train_split, model, gen, n_iter = run.device, run.dataset, run.train, run.model, run.generator, run.n_iter
+    val_split = data_mod.to_device(ds.val, dev)
     bs = recipe.data.batch_size
-    n_iter = data_mod.steps_per_epoch(len(train_split.y), bs)
-    if n_iter == 0:
-        raise HarnessError(f"data.batch_size: {bs} is larger than the training set "
-                           f"({len(train_split.y)} images)")
-
-    model = build_model(recipe.model.arch, len(ds.class_names), recipe.model.weights, recipe.model.head)
-    model = model.to(dev, memory_format=torch.channels_last if dev.type == "cuda" else torch.contiguous_format)
-    model.train()
-    gen = torch.Generator(device=dev).manual_seed(recipe.seed)
     n_groups = len(model)
     result = Result(status="ok", group_names=model.group_names, n_train=len(train_split.y),
                     class_names=list(ds.class_names), model=model)
@@ -181,6 +200,10 @@ def fine_tune(recipe: Recipe, tracker: Tracker | None = None,
                 result.status = f"diverged at step {first_step + int(bad[0])}"
                 break
             val_loss, val_acc = evaluate(model, val_split, 2 * bs, dev)
+            if val_loss is not None and not math.isfinite(val_loss):
+                # the weights blew up even if the last training losses were still finite
+                result.status = f"diverged at step {step - 1} (validation loss is {val_loss})"
+                break
             stats = EpochStats(epoch, stage_idx, float(step_losses.mean()), val_loss, val_acc,
                                time.perf_counter() - t0)
             result.epochs.append(stats)

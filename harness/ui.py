@@ -113,7 +113,10 @@ def _tail(path: str | None, n: int = 3, width: int = 400) -> str:
         lines = [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return ""
-    return " | ".join(lines[-n:])[-width:]
+    text = " | ".join(lines[-n:])
+    if len(text) > width:   # the last line usually names the error: keep its start
+        text = lines[-1][:width - 3] + "..." if len(lines[-1]) > width else lines[-1]
+    return text
 
 
 def stop_ui(proc: subprocess.Popen, timeout: float = STOP_WAIT_S) -> None:

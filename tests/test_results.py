@@ -1,0 +1,232 @@
+"""Tests for harness.results: `harness status` (counts, best, on-boundary flag), `harness
+compare` on the session's base sweep (CSV / Markdown / PNG, a `compare` run in MLflow, the
+verdict), and the statistics behind it (t interval, paired-test verdict)."""
+from __future__ import annotations
+
+import math
+import statistics
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from scipy import stats
+
+from conftest import FASHION_DIR, needs_fashion
+from harness.cli import main
+from harness.results import Comparison, StrategyResult, status_rows
+from harness.study import load_study
+from test_sweep import (BASE_STUDY, PNG_MAGIC, THREADS, base_recipe, base_sweep,
+                        client_for, invoke, write_study)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+CSV_COLUMNS = ["strategy", "trials", "best_val_accuracy", "test_accuracy_mean", "test_accuracy_std",
+               "test_ci95_low", "test_ci95_high", "mean_trial_seconds"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(_few_threads):
+    """The base sweep's thread count (see test_sweep.py)."""
+    torch.set_num_threads(THREADS)
+    yield
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    if not FASHION_DIR.is_dir():
+        pytest.skip("Fashion-MNIST not installed")
+    return base_sweep(tmp_path_factory)
+
+
+def status_line(output: str, strategy: str) -> list[str]:
+    lines = [ln for ln in output.splitlines() if ln.split()[:1] == [strategy]]
+    assert len(lines) == 1, output
+    return lines[0].split()
+
+
+# --- status -----------------------------------------------------------------------------------
+
+@needs_fashion
+@pytest.mark.slow
+def test_status_names_every_strategy_with_its_counts_and_best(swept):
+    out = invoke(["status", swept.path, "--workspace", swept.workspace, "--storage", swept.storage]).output
+    assert out.splitlines()[0] == "study tiny-sweep: 2 trials per strategy, 3 epochs each, metric val/accuracy"
+    for strategy in ("naive", "two_phase"):
+        ostudy = swept.ostudy(strategy)
+        trials = ostudy.get_trials()
+        complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+        fields = status_line(out, strategy)
+        assert fields[:6] == [strategy, str(complete), "0", "0", "0", f"{ostudy.best_trial.value:.4f}"]
+        for name in ostudy.best_trial.params:
+            assert f"{name}=" in out
+    # the sweep printed the same table at its end
+    assert status_line(swept.output, "naive")[:6] == status_line(out, "naive")[:6]
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_status_of_a_strategy_never_swept(swept, tmp_path):
+    d = {**BASE_STUDY, "recipe": base_recipe(), "strategies": {**BASE_STUDY["strategies"], "head_only": None}}
+    path = write_study(tmp_path / "study.yaml", d)
+    out = invoke(["status", path, "--workspace", swept.workspace, "--storage", swept.storage]).output
+    assert status_line(out, "head_only") == ["head_only", "0", "0", "0", "0", "-"]
+    assert status_line(out, "naive")[1] == "2"
+
+
+def constructed_storage(tmp_path, trials: dict[str, list]) -> tuple:
+    """A study file 'edge' and an Optuna storage holding hand-made trials per strategy."""
+    d = {**BASE_STUDY, "name": "edge", "recipe": base_recipe()}
+    path = write_study(tmp_path / "study.yaml", d)
+    study = load_study(path)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    for strategy, made in trials.items():
+        ostudy = optuna.create_study(study_name=f"edge/{strategy}", storage=storage, direction="maximize")
+        for t in made:
+            ostudy.add_trial(t)
+    return path, study, storage
+
+
+def naive_trial(value, lr, pct_start, state=optuna.trial.TrialState.COMPLETE, **attrs):
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+            "pct_start": optuna.distributions.FloatDistribution(0.3, 0.6)}
+    return optuna.trial.create_trial(state=state, value=value, params={"lr": lr, "pct_start": pct_start},
+                                     distributions=dist, user_attrs=attrs,
+                                     intermediate_values={1: value} if value is not None else {})
+
+
+def test_status_flags_a_best_point_on_the_range_boundary(tmp_path):
+    # naive's space: lr [1e-4, 1e-2] log, pct_start [0.3, 0.6]
+    path, study, storage = constructed_storage(tmp_path, {
+        "naive": [naive_trial(0.6, 1e-3, 0.4), naive_trial(0.9, 1.05e-4, 0.45), naive_trial(0.7, 3e-3, 0.6)],
+        "two_phase": []})
+    rows = {r["strategy"]: r for r in status_rows(study, tmp_path, storage)}
+    assert rows["naive"]["best"] == 0.9
+    assert rows["naive"]["best_params"] == {"lr": 1.05e-4, "pct_start": 0.45}
+    assert rows["naive"]["on_boundary"] == ["lr (low)"]
+    assert (rows["two_phase"]["complete"], rows["two_phase"]["best"], rows["two_phase"]["on_boundary"]) == (0, None, [])
+    out = invoke(["status", path, "--workspace", tmp_path, "--storage", storage]).output
+    line = next(ln for ln in out.splitlines() if ln.startswith("naive "))
+    assert line.split()[:6] == ["naive", "3", "0", "0", "0", "0.9000"]
+    assert line.endswith("[on boundary: lr (low)]")
+    assert "on boundary" not in next(ln for ln in out.splitlines() if ln.startswith("two_phase "))
+
+
+def test_status_counts_pruned_trials(tmp_path):
+    path, study, storage = constructed_storage(tmp_path, {
+        "naive": [naive_trial(0.8, 1e-3, 0.4), naive_trial(0.2, 2e-3, 0.4, state=optuna.trial.TrialState.PRUNED)]})
+    out = invoke(["status", path, "--workspace", tmp_path, "--storage", storage]).output
+    assert out.splitlines()[2].split()[:6] == ["naive", "1", "1", "0", "0", "0.8000"]
+
+
+def test_status_counts_failed_trials(tmp_path):
+    path, study, storage = constructed_storage(tmp_path, {
+        "naive": [naive_trial(0.8, 1e-3, 0.4),
+                  naive_trial(None, 2e-3, 0.4, state=optuna.trial.TrialState.FAIL, failure="diverged at step 3")]})
+    res = CliRunner().invoke(main, ["status", str(path), "--workspace", str(tmp_path), "--storage", storage])
+    assert res.exit_code == 0, repr(res.exception)
+    assert res.output.splitlines()[2].split()[:6] == ["naive", "1", "0", "1", "0", "0.8000"]
+
+
+# --- compare on the base sweep ------------------------------------------------------------------
+
+@needs_fashion
+@pytest.mark.slow
+def test_compare_writes_csv_markdown_png_and_an_mlflow_run(swept):
+    res = invoke(["compare", swept.path, "--seeds", 2, *swept.opts()])
+    out_dir = swept.workspace / "reports" / "tiny-sweep"
+    for name in ("compare.csv", "compare.md", "compare.png"):
+        assert (out_dir / name).is_file(), name
+    assert (out_dir / "compare.png").read_bytes()[:8] == PNG_MAGIC
+
+    df = pd.read_csv(out_dir / "compare.csv")
+    assert list(df.columns[:7]) == CSV_COLUMNS[:7] and set(CSV_COLUMNS) <= set(df.columns)
+    assert sorted(df["strategy"]) == ["naive", "two_phase"] and len(df) == 2
+    assert list(df["test_accuracy_mean"]) == sorted(df["test_accuracy_mean"], reverse=True)
+    winner = df["strategy"][0]
+
+    # the per-seed test accuracies are in the compare run; the table's numbers follow from them
+    client = client_for(swept.tracking)
+    exp = client.get_experiment_by_name("tiny-sweep")
+    (run,) = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "compare"]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["winner"] == winner
+    for row in df.itertuples(index=False):
+        ostudy = swept.ostudy(row.strategy)
+        trials = ostudy.get_trials()
+        assert row.trials == len(trials)
+        assert row.best_val_accuracy == round(ostudy.best_trial.value, 4)
+        seconds = [t.user_attrs["seconds"] for t in trials]
+        assert row.mean_trial_seconds == pytest.approx(sum(seconds) / len(seconds), abs=0.051)
+        hist = sorted(client.get_metric_history(run.info.run_id, f"test_accuracy/{row.strategy}"),
+                      key=lambda m: m.step)
+        test = [m.value for m in hist]
+        assert [m.step for m in hist] == [0, 1] and all(0.0 <= v <= 1.0 for v in test)
+        mean, std = statistics.mean(test), statistics.stdev(test)
+        assert row.test_accuracy_mean == pytest.approx(mean, abs=5.1e-5)
+        assert row.test_accuracy_std == pytest.approx(std, abs=5.1e-5)
+        if std > 0:
+            lo, hi = stats.t.interval(0.95, len(test) - 1, loc=mean, scale=std / math.sqrt(len(test)))
+        else:
+            lo = hi = mean
+        assert (row.test_ci95_low, row.test_ci95_high) == (pytest.approx(lo, abs=5.1e-5), pytest.approx(hi, abs=5.1e-5))
+        assert row.test_ci95_low <= row.test_accuracy_mean <= row.test_ci95_high
+    # the verdict names the winner, and is printed, in the Markdown and on the run
+    verdict = run.data.tags["verdict"]
+    assert verdict.startswith(f"{winner} wins; its lead over ") and "paired t-test over 2 seeds" in verdict
+    assert verdict in res.output.splitlines()
+    assert "p_value" in run.data.metrics
+    md = (out_dir / "compare.md").read_text()
+    assert "| strategy | trials | best_val_accuracy |" in md and verdict in md
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"compare.csv", "compare.md", "compare.png"}
+
+
+# --- the statistics -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("test", [[0.8, 0.9], [0.71, 0.74, 0.69], [0.5, 0.52, 0.55, 0.61, 0.58]])
+def test_ci95_is_the_t_interval(test):
+    r = StrategyResult("naive", trials=4, best_val=0.9, mean_trial_s=1.0, test=list(test))
+    mean, sem = statistics.mean(test), statistics.stdev(test) / math.sqrt(len(test))
+    lo, hi = stats.t.interval(0.95, len(test) - 1, loc=mean, scale=sem)
+    assert r.mean == pytest.approx(mean, rel=1e-12)
+    assert r.std == pytest.approx(statistics.stdev(test), rel=1e-12)
+    assert r.ci95() == (pytest.approx(lo, rel=1e-10), pytest.approx(hi, rel=1e-10))
+
+
+def test_ci95_of_one_seed_or_equal_seeds_is_the_mean():
+    assert StrategyResult("naive", 1, 0.9, 1.0, test=[0.75]).ci95() == (0.75, 0.75)
+    assert StrategyResult("naive", 1, 0.9, 1.0, test=[0.75]).std == 0.0
+    assert StrategyResult("naive", 1, 0.9, 1.0, test=[0.5, 0.5, 0.5]).ci95() == (0.5, 0.5)
+
+
+def rows(*tests):
+    return [StrategyResult(f"s{i}", 3, 0.9, 1.0, test=list(t)) for i, t in enumerate(tests)]
+
+
+def test_verdict_significant():
+    a, b = [0.90, 0.91, 0.92, 0.93], [0.80, 0.80, 0.83, 0.82]
+    p = stats.ttest_rel(a, b).pvalue
+    assert p < 0.05
+    cmp = Comparison(rows(a, b), "s0", "s1", p)
+    assert cmp.significant
+    assert cmp.verdict() == (f"s0 wins; its lead over s1 is significant "
+                             f"(paired t-test over 4 seeds, p = {p:.3g}).")
+
+
+def test_verdict_not_significant():
+    a, b = [0.90, 0.80, 0.85], [0.84, 0.86, 0.83]
+    p = stats.ttest_rel(a, b).pvalue
+    assert p >= 0.05
+    cmp = Comparison(rows(a, b), "s0", "s1", p)
+    assert not cmp.significant
+    assert cmp.verdict().startswith("s0 wins; its lead over s1 is not significant (paired t-test over 3 seeds")
+    assert not Comparison(rows(a, b), "s0", "s1", 0.05).significant      # p < 0.05 is significant
+
+
+def test_verdict_single_strategy_and_single_seed():
+    cmp = Comparison(rows([0.9, 0.8]), "s0", None, None)
+    assert not cmp.significant
+    assert cmp.verdict() == "s0 is the only strategy with a completed trial."
+    cmp = Comparison(rows([0.9], [0.8]), "s0", "s1", None)
+    assert "s0 leads s1" in cmp.verdict() and "more than one seed" in cmp.verdict()

@@ -1,0 +1,208 @@
+"""The MLflow UI on a harness SQLite store: argv, start/stop, REST API, and a headless browser."""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from harness.errors import HarnessError
+from harness.ui import start_ui, stop_ui, ui_command
+
+CHROMIUM = Path("/usr/bin/chromium")
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="headless Chromium not installed (apt-get update && apt-get install -y chromium)")
+
+STEPS = 10
+SERIES = {
+    "lr/early": [1e-5 * (i + 1) for i in range(STEPS)],
+    "lr/late": [1e-4 * (i + 1) for i in range(STEPS)],
+    "lr/head": [1e-3 * (i + 1) ** 0.5 for i in range(STEPS)],
+}
+CHILD_NAME = "ui-test-child"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(base: str, path: str, **params) -> dict:
+    url = f"{base}{path}?{urllib.parse.urlencode(params)}"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        assert r.status == 200, url
+        return json.loads(r.read())
+
+
+# --- fast: the argv -------------------------------------------------------------------------
+
+def test_ui_command_defaults_and_overrides(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    argv = ui_command(uri)
+    assert argv[:4] == [sys.executable, "-m", "mlflow", "server"]
+    assert argv[argv.index("--backend-store-uri") + 1] == uri
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"      # loopback unless asked
+    assert argv[argv.index("--port") + 1] == "5000"
+    # artifacts of UI-created experiments land in the workspace, not ./mlartifacts
+    assert "--serve-artifacts" in argv
+    assert argv[argv.index("--artifacts-destination") + 1] == (tmp_path / "artifacts").resolve().as_uri()
+    # the host-header / CORS middleware stays on
+    assert "--disable-security-middleware" not in argv
+    assert not any(a in argv for a in ("--allowed-hosts", "--cors-allowed-origins"))
+
+    argv = ui_command(uri, host="0.0.0.0", port=5123)
+    assert argv[argv.index("--host") + 1] == "0.0.0.0"
+    assert argv[argv.index("--port") + 1] == "5123"
+
+    pg = "postgresql://u@db/mlflow"
+    argv = ui_command(pg)
+    assert argv[argv.index("--backend-store-uri") + 1] == pg
+    assert "--artifacts-destination" not in argv
+
+
+def test_ui_command_rejects_a_server_uri_and_bad_port():
+    with pytest.raises(HarnessError, match="already a tracking server"):
+        ui_command("http://127.0.0.1:5000")
+    with pytest.raises(HarnessError, match="--port"):
+        ui_command("sqlite:///x.db", port=70000)
+
+
+def test_start_ui_port_taken(tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        with pytest.raises(HarnessError, match=f"port {port} .*taken") as e:
+            start_ui(f"sqlite:///{tmp_path}/mlflow.db", port=port, wait_s=5)
+        assert "\n" not in str(e.value)
+
+
+def test_start_ui_missing_folder(tmp_path):
+    with pytest.raises(HarnessError, match="does not exist"):
+        start_ui(f"sqlite:///{tmp_path}/nope/mlflow.db", port=free_port(), wait_s=5)
+
+
+def test_start_ui_server_that_dies_reports_its_output():
+    with pytest.raises(HarnessError, match="exited with code") as e:
+        start_ui("bogus-scheme://nowhere", port=free_port(), wait_s=60)
+    assert "\n" not in str(e.value)
+
+
+# --- slow: a real store, a real server ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ui_store(tmp_path_factory):
+    """A SQLite store with a parent run and a child run with per-step LR curves and a PNG,
+    and the MLflow UI serving it on a free loopback port."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from harness.tracking import mlflow_run
+
+    ws = tmp_path_factory.mktemp("ui-ws")
+    uri = f"sqlite:///{ws}/mlflow.db"
+    with mlflow_run(uri, "ui-test", "ui-test-parent", ws) as parent:
+        with mlflow_run(uri, "ui-test", CHILD_NAME, ws, parent_run_id=parent.run_id) as child:
+            child.log_steps(0, SERIES)
+            fig, ax = plt.subplots(figsize=(4, 3))
+            ax.plot(range(STEPS), SERIES["lr/head"])
+            child.log_figure(fig, "lr_schedule.png")
+            plt.close(fig)
+            child.log_text("seed: 0\n", "recipe.yaml")
+    exp_id = child.client.get_run(child.run_id).info.experiment_id
+
+    port = free_port()
+    proc = start_ui(uri, port=port, wait_s=120)
+    try:
+        yield {"base": f"http://127.0.0.1:{port}", "port": port, "exp_id": exp_id,
+               "parent": parent.run_id, "child": child.run_id, "ws": ws, "proc": proc}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        stop_ui(proc)   # and the uvicorn child in its process group
+
+
+@pytest.mark.slow
+def test_ui_rest_api_serves_the_child_run(ui_store):
+    base, child = ui_store["base"], ui_store["child"]
+
+    hist = get_json(base, "/api/2.0/mlflow/metrics/get-history", run_id=child, metric_key="lr/head")
+    points = sorted(hist["metrics"], key=lambda m: m["step"])
+    assert [m["step"] for m in points] == list(range(STEPS))
+    assert [m["value"] for m in points] == pytest.approx(SERIES["lr/head"], rel=1e-12)
+
+    run = get_json(base, "/api/2.0/mlflow/runs/get", run_id=child)["run"]
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert tags["mlflow.parentRunId"] == ui_store["parent"]
+    assert run["info"]["run_name"] == CHILD_NAME
+    assert {m["key"] for m in run["data"]["metrics"]} == set(SERIES)
+
+    # the artifacts (under <workspace>/artifacts as file:// URIs) are served
+    files = get_json(base, "/api/2.0/mlflow/artifacts/list", run_id=child)["files"]
+    assert {f["path"] for f in files} == {"lr_schedule.png", "recipe.yaml"}
+    with urllib.request.urlopen(f"{base}/get-artifact?run_id={child}&path=lr_schedule.png", timeout=10) as r:
+        assert r.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # both loopback names pass the host-header check; a foreign Host header does not
+    for host in ("127.0.0.1", "localhost"):
+        with urllib.request.urlopen(f"http://{host}:{ui_store['port']}/health", timeout=10) as r:
+            assert r.status == 200
+    req = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/get?run_id={child}",
+                                 headers={"Host": "evil.example.com"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code in (400, 403)
+
+
+def _chromium(tmp_path: Path, name: str, url: str, *mode: str) -> subprocess.CompletedProcess:
+    profile = tmp_path / f"profile-{name}"
+    profile.mkdir()
+    argv = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", f"--user-data-dir={profile}", "--window-size=1400,1000",
+            # the metric charts only draw when every compositor stage runs under virtual time
+            "--virtual-time-budget=20000", "--run-all-compositor-stages-before-draw",
+            *mode, url]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_ui_run_page_in_headless_chromium(ui_store, tmp_path):
+    from PIL import Image
+
+    # mlflow 3.x: hash routes; "model-metrics" is the run's chart tab, and workflowType picks
+    # the "Model training" side of the UI (a fresh profile would otherwise open the GenAI one)
+    url = (f"{ui_store['base']}/#/experiments/{ui_store['exp_id']}/runs/{ui_store['child']}"
+           f"/model-metrics?workflowType=machine_learning")
+
+    shot = tmp_path / "run-page.png"
+    r = _chromium(tmp_path, "shot", url, f"--screenshot={shot}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert shot.is_file(), r.stderr[-2000:]
+    with Image.open(shot) as im:
+        assert im.format == "PNG"
+        assert im.size == (1400, 1000)
+        colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 200, f"blank-looking screenshot ({len(colours or [])} colours)"
+
+    r = _chromium(tmp_path, "dom", url, "--dump-dom")
+    assert r.returncode == 0, r.stderr[-2000:]
+    dom = r.stdout
+    assert CHILD_NAME in dom
+    for key in SERIES:                      # one chart per LR group, legend "<run> (<key>)"
+        assert f"{CHILD_NAME} ({key})" in dom, key
+    assert dom.count("scatterlayer") >= len(SERIES)   # plotly drew the curves

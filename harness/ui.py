@@ -42,9 +42,7 @@ def _sqlite_path(tracking_uri: str) -> Path | None:
         return None
     path = unquote(urlparse(tracking_uri).path)
     # sqlite:///rel.db -> path "/rel.db" (relative); sqlite:////abs.db -> "//abs.db" (absolute)
-    if path.startswith("//"):
-        path = path[1:]
-    elif path.startswith("/"):
+    if path.startswith("/"):
         path = path[1:]
     if not path or path == ":memory:":
         return None
@@ -130,6 +128,10 @@ def stop_ui(proc: subprocess.Popen, timeout: float = STOP_WAIT_S) -> None:
             except subprocess.TimeoutExpired:
                 _signal_group(proc, signal.SIGKILL)
                 proc.wait(timeout=timeout)
+            except KeyboardInterrupt:   # a second Ctrl-C while stopping: stop now
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait(timeout=timeout)
+                raise
         # children that outlived the parent (they share its group, which we own)
         _signal_group(proc, signal.SIGKILL)
     finally:
@@ -205,8 +207,26 @@ def start_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000,
         raise
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> None:
-    """Run the MLflow UI in the foreground until Ctrl-C (or until it exits on its own)."""
+    """Run the MLflow UI in the foreground until Ctrl-C, SIGTERM or SIGHUP (or until it exits
+    on its own). The server runs in its own session, so it is stopped here, never orphaned."""
+    import threading
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, _interrupt)
+    try:
+        _serve(tracking_uri, host, port)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(tracking_uri: str, host: str, port: int) -> None:
     proc = start_ui(tracking_uri, host, port)
     try:
         print(f"MLflow UI: {proc.url}  (tracking store {tracking_uri}; Ctrl-C to stop)", flush=True)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -95,6 +94,51 @@ def test_start_ui_server_that_dies_reports_its_output():
     with pytest.raises(HarnessError, match="exited with code") as e:
         start_ui("bogus-scheme://nowhere", port=free_port(), wait_s=60)
     assert "\n" not in str(e.value)
+
+
+def _fake_server(tmp_path, code: str) -> subprocess.Popen:
+    log = tmp_path / "fake-ui.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    proc.log_path, proc.url = str(log), "http://127.0.0.1:1"
+    return proc
+
+
+def test_serve_ui_reports_a_server_that_dies(tmp_path, monkeypatch, capsys):
+    import harness.ui as ui
+    monkeypatch.setattr(ui, "start_ui", lambda *a, **k: _fake_server(
+        tmp_path, "import sys; print('first'); print('boom: database is locked'); sys.exit(3)"))
+    with pytest.raises(HarnessError, match=r"exited with code 3: first \| boom: database is locked"):
+        ui.serve_ui("sqlite:///x.db", "127.0.0.1", 5000)
+    assert "MLflow UI: http://127.0.0.1:1" in capsys.readouterr().out
+    assert not (tmp_path / "fake-ui.log").exists()     # stop_ui cleaned up
+
+
+def test_serve_ui_stops_the_server_on_ctrl_c(tmp_path, monkeypatch, capsys):
+    import harness.ui as ui
+    procs = []
+
+    def fake_start(*a, **k):
+        proc = _fake_server(tmp_path, "import time; time.sleep(60)")
+        real_wait, calls = proc.wait, []
+
+        def wait(timeout=None):
+            calls.append(timeout)
+            if len(calls) == 1:
+                raise KeyboardInterrupt      # the user presses Ctrl-C while serving
+            return real_wait(timeout)
+        proc.wait = wait
+        procs.append(proc)
+        return proc
+
+    monkeypatch.setattr(ui, "start_ui", fake_start)
+    ui.serve_ui("sqlite:///x.db", "0.0.0.0", 5000)       # returns cleanly
+    out = capsys.readouterr().out
+    assert "stopping the MLflow UI" in out and "all interfaces" in out
+    assert procs[0].poll() is not None                  # terminated, not orphaned
+    import signal as _signal
+    assert _signal.getsignal(_signal.SIGTERM) is not ui._interrupt   # handlers restored
 
 
 # --- slow: a real store, a real server ------------------------------------------------------

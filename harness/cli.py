@@ -55,6 +55,10 @@ device_opt = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"])
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """finetune-harness: compare fine-tuning strategies for pretrained vision models."""
+    import logging
+    # MLflow and alembic announce database creation at INFO on stderr; errors stay one line
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @main.command()
@@ -68,9 +72,11 @@ def train(recipe_path, workspace, tracking_uri, device, experiment):
     """Fine-tune once as RECIPE.yaml says, logging the run to MLflow."""
     from harness.report import summary_table
     from harness.tracking import default_tracking_uri, mlflow_run, tracked_fine_tune
+    from harness.train import check_inputs
 
     recipe = _recipe(recipe_path, device)
     ws = _workspace(workspace)
+    check_inputs(recipe, ws)
     uri = default_tracking_uri(ws, tracking_uri)
     with mlflow_run(uri, experiment, Path(recipe_path).stem, ws,
                     tags={"harness.kind": "train"}) as tracker:

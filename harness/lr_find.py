@@ -301,6 +301,8 @@ def run_lr_find(recipe: Recipe, workspace: str | Path, plot_path: str | Path,
 
     from harness.tracking import default_tracking_uri, mlflow_run
 
+    from harness.train import check_inputs
+    check_inputs(recipe, workspace)
     uri = default_tracking_uri(workspace, tracking_uri)
     with mlflow_run(uri, experiment, "lr-find", workspace, tags={"harness.kind": "lr-find"}) as tracker:
         tracker.log_text(recipe.to_yaml(), "recipe.yaml")

@@ -25,6 +25,7 @@ def pretrain(recipe: Recipe, output: str | Path, workspace: str | Path = "worksp
     """Train `recipe` and save its body to `output`; returns the checkpoint's metadata.
     An existing checkpoint from the same recipe is reused as it is."""
     from harness.tracking import default_tracking_uri, mlflow_run, tracked_fine_tune
+    from harness.train import check_inputs
 
     output, digest = Path(output), config_hash(recipe)
     if output.exists():
@@ -34,6 +35,7 @@ def pretrain(recipe: Recipe, output: str | Path, workspace: str | Path = "worksp
         if not force:
             raise HarnessError(f"{output}: exists from a different pretraining recipe "
                                f"(use --force to overwrite, or another --output)")
+    check_inputs(recipe, workspace)
     uri = default_tracking_uri(workspace, tracking_uri)
     with mlflow_run(uri, "harness-pretrain", f"pretrain-{output.stem}", workspace,
                     tags={"harness.kind": "pretrain"}) as tracker:

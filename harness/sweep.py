@@ -124,6 +124,9 @@ def run_sweep(study: Study, workspace: str | Path, strategies: list[str] | None 
         raise HarnessError(f"--strategy: '{unknown[0]}' is not in the study "
                            f"(it has: {', '.join(study.strategies)})")
     n_trials = trials or study.config.trials
+    from harness.train import check_inputs
+    # the data and weights are the same for every trial: check them before any store is touched
+    check_inputs(study.recipe_for(strategies[0], study.baseline(strategies[0])), workspace)
     storage = storage_url(workspace, storage)
     uri = default_tracking_uri(workspace, tracking_uri)
     seed = int(study.base.get("seed", 0))

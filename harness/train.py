@@ -147,6 +147,15 @@ def prepare(recipe: Recipe, workspace: str | Path = "workspace", device: str | N
     return Prepared(dev, ds, train_split, n_iter, model, gen)
 
 
+def check_inputs(recipe: Recipe, workspace: str | Path = "workspace") -> None:
+    """Fail before anything is recorded: the device exists, the data loads (and is then
+    cached in memory for the run), the weights are there and fit the arch."""
+    resolve_device(recipe.device)
+    ds = data_mod.load_dataset(recipe.data, Path(workspace), recipe.seed)
+    if recipe.model.weights != "none":
+        build_model(recipe.model.arch, len(ds.class_names), recipe.model.weights, recipe.model.head)
+
+
 def fine_tune(recipe: Recipe, tracker: Tracker | None = None,
               report: Callable[[int, float | None], None] | None = None,
               workspace: str | Path = "workspace", progress: bool = False,

@@ -292,3 +292,66 @@ def test_no_divergence_stop_when_stop_div_is_false_and_tracking(tiny_recipe, wor
         assert tracker.params[f"suggestion.{name}"] == result.suggestions[name]
     assert tracker.params["lr_find.stopped_early"] is False
     assert tracker.figures["lr_find.png"][:8] == PNG_MAGIC
+
+
+# --- `harness sweep --lr-find`: the first trial of each strategy centred on the valley -------
+
+def test_centred_first_trials_maps_the_valley_per_strategy_and_clips(monkeypatch, tmp_path):
+    """naive/head_only take lr = valley; two_phase takes lr_high = valley/2 (its head stage
+    runs at 2*lr_high) and lr_low = lr_high/100; values are clipped into the study's ranges."""
+    import yaml
+
+    from harness.study import load_study
+
+    base = tiny_recipe_dict()
+    del base["stages"]
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump({
+        "name": "centre", "recipe": base, "budget": {"epochs": 3}, "trials": 1, "pruner": "none",
+        "strategies": {"naive": {"lr": {"low": 1e-4, "high": 1e-1, "log": True}},
+                       "head_only": {"lr": {"low": 1e-2, "high": 1e-1, "log": True}},
+                       "two_phase": {"lr_low": {"low": 1e-7, "high": 1e-3, "log": True},
+                                     "lr_high": {"low": 1e-4, "high": 1e-1, "log": True}}}}))
+    study = load_study(study_file)
+    seen = []
+
+    def fake_lr_find(recipe, workspace, **kw):
+        seen.append(recipe.stages[0].train)
+        return lf.LRFindResult(lrs=[], losses=[], raw_losses=[], suggestions={"valley": 4e-3},
+                               stopped_early=False)
+
+    monkeypatch.setattr(lf, "lr_find", fake_lr_find)
+    got = lf.centred_first_trials(study, tmp_path, echo=lambda s: None)
+    assert got["naive"]["lr"] == pytest.approx(4e-3)
+    assert got["head_only"]["lr"] == pytest.approx(1e-2)          # 4e-3 clipped up to the range
+    assert got["two_phase"]["lr_high"] == pytest.approx(2e-3)
+    assert got["two_phase"]["lr_low"] == pytest.approx(2e-5)
+    assert set(got["two_phase"]) == {"lr_low", "lr_high"}           # only the searched params
+    # each strategy's finder ran on that strategy's own first stage
+    assert seen == ["all", "head", "head"]
+
+
+@needs_fashion
+def test_sweep_with_lr_find_starts_from_the_suggestion(tmp_path, workspace):
+    """Through the CLI: trial 0 of the sweep uses the LR finder's valley, not the default."""
+    import optuna
+    import yaml
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    base = tiny_recipe_dict()
+    del base["stages"]
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump({
+        "name": "lrf", "recipe": base, "budget": {"epochs": 2}, "trials": 1, "pruner": "none",
+        "strategies": {"naive": {"lr": {"low": 1e-6, "high": 1.0, "log": True}}}}))
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    res = CliRunner().invoke(main, ["sweep", str(study_file), "--lr-find", "--workspace", str(workspace),
+                                    "--storage", storage, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    assert res.exit_code == 0, res.output
+    assert "lr-find valley" in res.output
+    trial = optuna.load_study(study_name="lrf/naive", storage=storage).trials[0]
+    valley = float(res.output.split("lr-find valley ")[1].split(":")[0])
+    assert trial.params["lr"] == pytest.approx(valley, rel=1e-2)   # printed with 3 significant digits
+    assert trial.params["lr"] != pytest.approx(1e-3)               # not the published default

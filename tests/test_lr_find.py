@@ -311,7 +311,8 @@ def test_centred_first_trials_maps_the_valley_per_strategy_and_clips(monkeypatch
         "strategies": {"naive": {"lr": {"low": 1e-4, "high": 1e-1, "log": True}},
                        "head_only": {"lr": {"low": 1e-2, "high": 1e-1, "log": True}},
                        "two_phase": {"lr_low": {"low": 1e-7, "high": 1e-3, "log": True},
-                                     "lr_high": {"low": 1e-4, "high": 1e-1, "log": True}}}}))
+                                     "lr_high": {"low": 1e-4, "high": 1e-1, "log": True}}}},
+        sort_keys=False))
     study = load_study(study_file)
     seen = []
 

@@ -354,7 +354,7 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if not cuda and load > 0.5:
+    if not cuda and load >= 1.0:
         print(f"warning: load average {load:.1f} on {cores()} cores before the start: other processes "
               f"share the CPU, so expect noisy timings (with threads > 1, OpenMP barriers stall "
               f"when a thread is preempted; --threads 1 is steadier on a shared machine)")

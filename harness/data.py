@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import gzip
 import hashlib
 import os
@@ -434,9 +436,15 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     x = x.float().div_(255.0)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(x.device)
     return (x - mean) / std
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # made once per device: a host->device copy per batch would synchronise every CUDA step
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:

@@ -56,9 +56,11 @@ device_opt = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"])
 def main() -> None:
     """finetune-harness: compare fine-tuning strategies for pretrained vision models."""
     import logging
+    import os
     # MLflow and alembic announce database creation at INFO on stderr; errors stay one line
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    # (mlflow sets its level from this variable when it is imported, so set it first)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 @main.command()

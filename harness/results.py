@@ -19,6 +19,8 @@ from harness.sweep import best_trial, count_trials, storage_url
 def load_ostudy(study: Study, strategy: str, storage: str) -> optuna.Study | None:
     """The strategy's Optuna study, or None when it was never started."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
+        return None  # nothing swept yet; looking must not create a database
     try:
         return optuna.load_study(study_name=f"{study.name}/{strategy}", storage=storage)
     except KeyError:

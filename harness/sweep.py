@@ -36,8 +36,12 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed)
-    # group=True: lr_low's range depends on lr_high, a conditional space
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=4)
+    # group=True: lr_low's range depends on lr_high, a conditional space (experimental in
+    # optuna, and says so at every study; the warning is noise to our users)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=4)
 
 
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:

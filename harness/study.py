@@ -16,7 +16,7 @@ from harness.recipe import Recipe, _did_you_mean, format_validation_error, read_
 from harness.space import ORDERED_PAIRS, ParamSpec, baseline, check_space, parse_param
 from harness.strategies import STRATEGIES, defaults, stages_for
 
-METRICS = {"val/accuracy": "maximize", "val/loss": "minimize"}
+METRICS = {"val/accuracy": "maximize"}   # the final epoch's value; pruning reads it every epoch
 
 
 class _Strict(BaseModel):
@@ -35,7 +35,7 @@ class StudyConfig(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)]
     recipe: dict[str, Any] | str
     budget: Budget
-    metric: Literal["val/accuracy", "val/loss"] = "val/accuracy"
+    metric: Literal["val/accuracy"] = "val/accuracy"
     trials: Annotated[StrictInt, Field(ge=1)] = 8
     sampler: Literal["tpe", "gp", "random"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"

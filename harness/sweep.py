@@ -189,10 +189,9 @@ def _objective(study: Study, strategy: str, uri: str, workspace, parent_id: str)
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
 
             def report(epoch: int, val_accuracy: float | None) -> None:
-                value = _metric_value(study, tracker, epoch, val_accuracy)
-                if value is None:
+                if val_accuracy is None:
                     return
-                trial.report(value, epoch)
+                trial.report(val_accuracy, epoch)
                 if trial.should_prune():
                     tracker.status, tracker.reason = "KILLED", f"pruned at epoch {epoch}"
                     tracker.set_tags({"harness.pruned": "true"})
@@ -204,18 +203,11 @@ def _objective(study: Study, strategy: str, uri: str, workspace, parent_id: str)
         if not result.ok:
             trial.set_user_attr("failure", result.status)
             return math.nan   # optuna records FAILED and the sweep goes on
-        value = result.val_accuracy if study.config.metric == "val/accuracy" else result.epochs[-1].val_loss
-        if value is None:
+        if result.val_accuracy is None:
             raise HarnessError("recipe.data.val_fraction: a sweep needs a validation split (> 0)")
-        return value
+        return result.val_accuracy
 
     return objective
-
-
-def _metric_value(study: Study, tracker, epoch: int, val_accuracy: float | None) -> float | None:
-    if study.config.metric == "val/accuracy":
-        return val_accuracy
-    return None  # val/loss pruning would need the loss here; the final value still counts
 
 
 class _Progress:

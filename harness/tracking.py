@@ -187,7 +187,13 @@ def tracked_fine_tune(recipe, tracker: MlflowTracker, workspace: str | Path = "w
     params = flatten(recipe.to_dict())
     params.update({k: v for k, v in (extra_params or {}).items()})
     tracker.log_params(params)
-    tracker.set_tags({"layer_groups": ",".join(ARCHS[recipe.model.arch].group_names)})
+    import torch
+
+    from harness.train import resolve_device
+    # exact CPU replays need the same torch build and thread count: record them
+    tracker.set_tags({"layer_groups": ",".join(ARCHS[recipe.model.arch].group_names),
+                      "runtime.torch": torch.__version__, "runtime.threads": torch.get_num_threads(),
+                      "runtime.device": str(resolve_device(recipe.device))})
     tracker.log_text(recipe.to_yaml(), "recipe.yaml")
     result = fine_tune(recipe, tracker, report=report, workspace=workspace, progress=progress,
                        evaluate_test=evaluate_test)

@@ -219,8 +219,9 @@ def test_defaults_of_the_optional_fields(tmp_path):
     assert (cfg.metric, cfg.trials, cfg.sampler, cfg.pruner, cfg.compare.seeds) == (
         "val/accuracy", 8, "tpe", "median", 3)
     assert study.direction == "maximize"
-    d["metric"] = "val/loss"
-    assert load_study(write_study(tmp_path / "study.yaml", d)).direction == "minimize"
+    d["metric"] = "val/loss"     # a study maximises val/accuracy; nothing else is offered
+    with pytest.raises(HarnessError, match="metric"):
+        load_study(write_study(tmp_path / "study.yaml", d))
 
 
 def test_a_strategy_without_a_space_keeps_its_defaults(tmp_path):

@@ -7,7 +7,6 @@ keeps its complete recipe (user attr `recipe`), so the best one can be exported 
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +22,9 @@ PARENT_ATTR = "mlflow_parent_run_id"
 
 
 def storage_url(workspace: str | Path, explicit: str | None = None) -> str:
-    """--storage, else HARNESS_STORAGE, else the workspace's SQLite file."""
-    if explicit:
-        return explicit
-    if os.environ.get("HARNESS_STORAGE"):
-        return os.environ["HARNESS_STORAGE"]
-    return f"sqlite:///{Path(workspace).resolve() / 'optuna.db'}"
+    """--storage, else HARNESS_STORAGE, else the workspace's optuna.db."""
+    from harness.tracking import store_url
+    return store_url(workspace, explicit, "HARNESS_STORAGE", "optuna.db")
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:

@@ -18,13 +18,19 @@ BATCH = 1000        # MLflow's limit of metrics per log_batch request
 PARAM_BATCH = 100   # ... and of params
 
 
-def default_tracking_uri(workspace: str | Path, explicit: str | None = None) -> str:
-    """--tracking-uri, else MLFLOW_TRACKING_URI, else the workspace's SQLite file."""
+def store_url(workspace: str | Path, explicit: str | None, env_var: str, filename: str) -> str:
+    """A store's URL: the option given, else the environment variable, else a SQLite file
+    in the workspace (nothing to start on one machine)."""
     if explicit:
         return explicit
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path(workspace).resolve() / 'mlflow.db'}"
+    if os.environ.get(env_var):
+        return os.environ[env_var]
+    return f"sqlite:///{Path(workspace).resolve() / filename}"
+
+
+def default_tracking_uri(workspace: str | Path, explicit: str | None = None) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else the workspace's mlflow.db."""
+    return store_url(workspace, explicit, "MLFLOW_TRACKING_URI", "mlflow.db")
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, str]:

@@ -117,6 +117,7 @@ def run_sweep(study: Study, workspace: str | Path, strategies: list[str] | None 
 
     `centre` optionally replaces a strategy's first trial (e.g. from lr-find)."""
     from harness.tracking import default_tracking_uri, make_client, mlflow_run
+    from harness.train import check_inputs
 
     strategies = strategies or study.strategies
     unknown = [s for s in strategies if s not in study.spaces]
@@ -124,7 +125,6 @@ def run_sweep(study: Study, workspace: str | Path, strategies: list[str] | None 
         raise HarnessError(f"--strategy: '{unknown[0]}' is not in the study "
                            f"(it has: {', '.join(study.strategies)})")
     n_trials = trials or study.config.trials
-    from harness.train import check_inputs
     # the data and weights are the same for every trial: check them before any store is touched
     check_inputs(study.recipe_for(strategies[0], study.baseline(strategies[0])), workspace)
     storage = storage_url(workspace, storage)

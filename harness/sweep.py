@@ -139,10 +139,9 @@ def run_sweep(study: Study, workspace: str | Path, strategies: list[str] | None 
         if missing <= 0:
             echo(f"[{strategy}] already has {counts.done} trials; nothing to add")
             continue
-        if not ostudy.get_trials(deepcopy=False):
-            first = (centre or {}).get(strategy) or study.baseline(strategy)
-            if first:
-                ostudy.enqueue_trial(first, skip_if_exists=True)
+        first = (centre or {}).get(strategy) or study.baseline(strategy)
+        if first and _first_trial_missing(ostudy):
+            ostudy.enqueue_trial(first)
         parent_id = _existing_parent(make_client(uri), ostudy.user_attrs.get(PARENT_ATTR))
         echo(f"[{strategy}] {counts.done} trials done, running {missing} more "
              f"({study.config.budget.epochs} epochs each)")
@@ -159,6 +158,16 @@ def run_sweep(study: Study, workspace: str | Path, strategies: list[str] | None 
             ostudy.optimize(objective, n_trials=missing, callbacks=[progress], gc_after_trial=True)
             summarize_parent(study, strategy, ostudy, parent)
     return out
+
+
+def _first_trial_missing(ostudy: optuna.Study) -> bool:
+    """True for a new study, and when every enqueued first trial so far crashed (FAIL with
+    no recorded divergence) and none is waiting: the baseline must still run."""
+    enqueued = [t for t in ostudy.get_trials(deepcopy=False) if "fixed_params" in t.system_attrs]
+    if not ostudy.get_trials(deepcopy=False):
+        return True
+    return bool(enqueued) and all(t.state == optuna.trial.TrialState.FAIL and "failure" not in t.user_attrs
+                                  for t in enqueued)
 
 
 def _existing_parent(client, run_id: str | None) -> str | None:

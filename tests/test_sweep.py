@@ -518,3 +518,30 @@ def test_export_of_an_unknown_strategy_or_an_empty_study_is_one_line(swept, tmp_
                                     "--storage", f"sqlite:///{tmp_path / 'empty.db'}"])
     assert res.exit_code == 2 and "no completed trial" in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_a_crashed_first_trial_is_run_again_with_the_defaults_on_resume(tmp_path, tmp_path_factory,
+                                                                         monkeypatch):
+    """A crash (not a divergence) in the enqueued default trial stops the sweep; the next
+    `harness sweep` runs the published default again instead of losing the baseline."""
+    import harness.tracking
+    from harness.sweep import run_sweep
+
+    study_d = {**BASE_STUDY, "name": "crash", "recipe": base_recipe(), "trials": 2, "pruner": "none",
+               "strategies": {"naive": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}}}
+    study = load_study(write_study(tmp_path / "study.yaml", study_d))
+    storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", fresh_tracking_uri(tmp_path_factory, tmp_path)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("worker lost")
+
+    monkeypatch.setattr(harness.tracking, "tracked_fine_tune", crash)
+    with pytest.raises(RuntimeError):
+        run_sweep(study, tmp_path / "ws", storage=storage, tracking_uri=uri, echo=lambda s: None)
+    calls: list = []
+    monkeypatch.setattr(harness.tracking, "tracked_fine_tune", fake_fine_tune([0.8, 0.7], calls))
+    run_sweep(study, tmp_path / "ws", storage=storage, tracking_uri=uri, echo=lambda s: None)
+    assert calls[0] == {"lr": 1e-3}                 # the baseline again, not a fresh sample
+    trials = optuna.load_study(study_name="crash/naive", storage=storage).get_trials()
+    S = optuna.trial.TrialState
+    assert [t.state for t in trials] == [S.FAIL, S.COMPLETE, S.COMPLETE]

@@ -13,21 +13,7 @@ from harness.errors import HarnessError
 from harness.recipe import Recipe
 from harness.space import on_boundary
 from harness.study import Study
-from harness.sweep import best_trial, count_trials, storage_url
-
-
-def load_ostudy(study: Study, strategy: str, storage: str) -> optuna.Study | None:
-    """The strategy's Optuna study, or None when it was never started."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
-        return None  # nothing swept yet; looking must not create a database
-    try:
-        return optuna.load_study(study_name=f"{study.name}/{strategy}", storage=storage)
-    except KeyError:
-        return None
-    except Exception as e:
-        from harness.sweep import _redact
-        raise HarnessError(f"--storage: cannot open {_redact(storage)} ({e.__class__.__name__})") from None
+from harness.sweep import best_trial, count_trials, load_ostudy, storage_url
 
 
 def status_rows(study: Study, workspace: str | Path, storage: str | None = None) -> list[dict[str, Any]]:

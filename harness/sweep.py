@@ -48,19 +48,25 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def load_ostudy(study: Study, strategy: str, storage: str) -> optuna.Study | None:
+    """The strategy's Optuna study, or None when it was never started."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
+        return None  # nothing swept yet; looking must not create a database
+    try:
+        return optuna.load_study(study_name=f"{study.name}/{strategy}", storage=storage)
+    except KeyError:
+        return None
+    except Exception as e:
+        raise HarnessError(f"--storage: cannot open {_redact(storage)} ({e.__class__.__name__})") from None
+
+
 def open_study(study: Study, strategy: str, storage: str, seed: int = 0) -> optuna.Study:
     """The strategy's Optuna study (created if new). The sampler's seed is offset by the
     trials already there, so a resumed sweep does not replay the same random draws."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    name = f"{study.name}/{strategy}"
-    try:
-        existing = optuna.load_study(study_name=name, storage=storage)
-        n = len(existing.get_trials(deepcopy=False))
-    except KeyError:
-        n = 0
-    except Exception as e:
-        raise HarnessError(f"--storage: cannot open {_redact(storage)} ({e.__class__.__name__})") from None
-    return optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
+    existing = load_ostudy(study, strategy, storage)
+    n = len(existing.get_trials(deepcopy=False)) if existing else 0
+    return optuna.create_study(study_name=f"{study.name}/{strategy}", storage=storage, load_if_exists=True,
                                direction=study.direction,
                                sampler=make_sampler(study.config.sampler, seed + n),
                                pruner=make_pruner(study.config.pruner, study.config.budget.epochs))

@@ -331,7 +331,7 @@ def centred_first_trials(study, workspace: str | Path, strategies: list[str] | N
                          echo=print) -> dict[str, dict[str, Any]]:
     """Per strategy, its default first trial with the LRs moved to the LR finder's valley
     (on that strategy's own first stage), clipped into the study's ranges."""
-    from harness.space import ORDERED_PAIRS
+    from harness.space import enforce_order
 
     out = {}
     for strategy in strategies or study.strategies:
@@ -347,9 +347,7 @@ def centred_first_trials(study, workspace: str | Path, strategies: list[str] | N
         for name, value in _centred(strategy, valley).items():
             if name in space and space[name].kind != "fixed":
                 first[name] = space[name].clip(value)
-        for a, b in ORDERED_PAIRS:
-            if a in first and b in first and first[a] > first[b]:
-                first[a] = space[a].clip(first[b])
+        first = enforce_order(first, space)
         echo(f"[{strategy}] lr-find valley {valley:.3g}: first trial "
              + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in first.items()))
         out[strategy] = first

@@ -126,11 +126,18 @@ def check_space(prefix: str, space: dict[str, ParamSpec], budget: int) -> None:
 
 def baseline(space: dict[str, ParamSpec], defaults: dict[str, Any]) -> dict[str, Any]:
     """The published defaults clipped into the space, for the params that are searched."""
-    values = {n: s.clip(defaults[n]) for n, s in space.items()}
+    values = enforce_order({n: s.clip(defaults[n]) for n, s in space.items()}, space)
+    return {n: v for n, v in values.items() if space[n].kind != "fixed"}
+
+
+def enforce_order(values: dict[str, Any], space: dict[str, ParamSpec]) -> dict[str, Any]:
+    """`values` with the lower member of every ordered pair moved down to its partner when
+    it sits above it (to the nearest value of its own space, when it has one)."""
+    values = dict(values)
     for a, b in ORDERED_PAIRS:
         if a in values and b in values and values[a] > values[b]:
-            values[a] = space[a].clip_below(values[b])
-    return {n: v for n, v in values.items() if space[n].kind != "fixed"}
+            values[a] = space[a].clip_below(values[b]) if a in space else values[b]
+    return values
 
 
 def _sampling_order(space: dict[str, ParamSpec]) -> list[str]:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from harness.errors import HarnessError
 from harness.recipe import Recipe, _did_you_mean, format_validation_error, read_yaml
-from harness.space import ORDERED_PAIRS, ParamSpec, baseline, check_space, parse_param
+from harness.space import ParamSpec, baseline, check_space, enforce_order, parse_param
 from harness.strategies import STRATEGIES, defaults, stages_for
 
 METRICS = {"val/accuracy": "maximize"}   # the final epoch's value; pruning reads it every epoch
@@ -142,10 +142,7 @@ def _probe(study: Study, strategy: str) -> None:
                   for value in dict.fromkeys((spec.lowest, spec.highest))]
     candidates.append((None, None))
     for name, value in candidates:
-        params = {**base, **fixed, **({name: value} if name else {})}
-        for a, b in ORDERED_PAIRS:
-            if a in params and b in params and params[a] > params[b]:
-                params[a] = params[b]
+        params = enforce_order({**base, **fixed, **({name: value} if name else {})}, space)
         try:
             stages_for(strategy, study.config.budget.epochs, **params)
         except HarnessError as e:

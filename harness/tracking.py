@@ -186,16 +186,15 @@ def tracked_fine_tune(recipe, tracker: MlflowTracker, workspace: str | Path = "w
     """fine_tune with everything a run records: the flattened recipe as params (plus
     `extra_params`), the layer groups tag, the recipe YAML, per-step curves and the LR plot.
     A diverged run ends FAILED with its reason."""
-    from harness.models import ARCHS
-    from harness.report import lr_figure
-    from harness.train import fine_tune
-
-    params = flatten(recipe.to_dict())
-    params.update({k: v for k, v in (extra_params or {}).items()})
-    tracker.log_params(params)
     import torch
 
-    from harness.train import resolve_device
+    from harness.models import ARCHS
+    from harness.report import lr_figure
+    from harness.train import fine_tune, resolve_device
+
+    params = flatten(recipe.to_dict())
+    params.update(extra_params or {})
+    tracker.log_params(params)
     # exact CPU replays need the same torch build and thread count: record them
     tracker.set_tags({"layer_groups": ",".join(ARCHS[recipe.model.arch].group_names),
                       "runtime.torch": torch.__version__, "runtime.threads": torch.get_num_threads(),

@@ -1,6 +1,7 @@
 """The command line: parses arguments and calls functions in harness/. No logic lives here."""
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from pathlib import Path
@@ -18,10 +19,17 @@ def _fail_cleanly(fn):
             return fn(*args, **kwargs)
         except HarnessError as e:
             click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            sys.exit(getattr(e, "exit_code", 2))
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # the stores stay consistent: the trial that was writing is failed and re-run on resume
+            click.echo(f"error: no space left on the device holding {e.filename or 'an output file'}: free some "
+                       "space, then run the same command again to resume", err=True)
+            sys.exit(2)
     return wrapper
 
 
@@ -52,7 +60,21 @@ device_opt = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"])
                           help="Override the recipe's device.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """click's own usage errors (a bad option value, an unknown option) as one line too."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """finetune-harness: compare fine-tuning strategies for pretrained vision models."""
     import logging
@@ -60,6 +82,11 @@ def main() -> None:
     # MLflow and alembic announce database creation at INFO on stderr; errors stay one line
     # (mlflow sets its level from this variable when it is imported, so set it first)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # nor a "View run at" link for every run closed on a tracking server
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # nor Optuna's trial-by-trial log: the sweep prints its own line per trial
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
@@ -112,20 +139,42 @@ def pretrain(recipe_path, output, force, workspace, tracking_uri, device):
 
 
 storage_opt = click.option("--storage", default=None,
-                           help="Optuna storage URL (default: HARNESS_STORAGE, else WORKSPACE/optuna.db).")
+                           help="Optuna storage: a journal file, sqlite:///FILE (one worker) or postgresql://... "
+                                "(default: HARNESS_STORAGE, else WORKSPACE/optuna.journal). Put a password in "
+                                "HARNESS_STORAGE or ~/.pgpass, not on the command line.")
+strategy_opt = click.option("--strategy", "strategies", multiple=True,
+                            help="Only this strategy (repeatable; default all).")
+trials_opt = click.option("--trials", type=click.IntRange(min=1), default=None,
+                          help="Trials per strategy (overrides the study).")
+heartbeat_opt = click.option("--heartbeat", type=click.IntRange(min=1), default=30, show_default=True,
+                             envvar="HARNESS_HEARTBEAT",
+                             help="PostgreSQL: seconds between a trial's heartbeats; a trial silent for twice "
+                                  "this is failed and run again.")
+
+
+def _interruptible() -> None:
+    """First Ctrl-C: stop the running trial cleanly; second: exit at once."""
+    from harness.worker import install_interrupt_handler
+    install_interrupt_handler(lambda s: click.echo(s, err=True))
 
 
 @main.command()
 @click.argument("study_path", metavar="STUDY.yaml")
-@click.option("--strategy", "strategies", multiple=True, help="Only this strategy (repeatable; default all).")
-@click.option("--trials", type=click.IntRange(min=1), default=None, help="Trials per strategy (overrides the study).")
+@strategy_opt
+@trials_opt
 @click.option("--lr-find", "use_lr_find", is_flag=True,
               help="Centre each strategy's first trial on the LR finder's suggestion.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Worker processes on this machine (default: one per GPU, or 1 on a CPU).")
+@click.option("--workers-per-gpu", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Workers sharing each GPU.")
+@heartbeat_opt
 @workspace_opt
 @storage_opt
 @tracking_opt
 @_fail_cleanly
-def sweep(study_path, strategies, trials, use_lr_find, workspace, storage, tracking_uri):
+def sweep(study_path, strategies, trials, use_lr_find, workers, workers_per_gpu, heartbeat, workspace,
+          storage, tracking_uri):
     """Run (or resume) an Optuna study per strategy; every trial is a tracked fine-tune."""
     from harness.results import format_status, status_rows
     from harness.study import load_study
@@ -133,13 +182,47 @@ def sweep(study_path, strategies, trials, use_lr_find, workspace, storage, track
 
     study = load_study(study_path)
     ws = _workspace(workspace)
+    _interruptible()
     centre = None
     if use_lr_find:
         from harness.lr_find import centred_first_trials
         centre = centred_first_trials(study, ws, list(strategies) or None, echo=click.echo)
     run_sweep(study, ws, list(strategies) or None, trials, storage, tracking_uri, centre=centre,
-              echo=click.echo)
-    click.echo(format_status(study, status_rows(study, ws, storage)))
+              workers=workers, workers_per_gpu=workers_per_gpu, heartbeat=heartbeat, echo=click.echo)
+    click.echo(format_status(study, status_rows(study, ws, storage), trials))
+
+
+@main.command()
+@click.argument("study_path", metavar="STUDY.yaml")
+@strategy_opt
+@trials_opt
+@heartbeat_opt
+@click.option("--name", default="", help="A name for this worker's output lines and MLflow runs.")
+@click.option("--seed-offset", type=int, default=None, hidden=True)
+@workspace_opt
+@storage_opt
+@tracking_opt
+@_fail_cleanly
+def worker(study_path, strategies, trials, heartbeat, name, seed_offset, workspace, storage, tracking_uri):
+    """Join the study's sweep and run trials until every strategy has its trials.
+
+    What every machine of a distributed sweep runs, with --storage postgresql://... (or
+    HARNESS_STORAGE) and --tracking-uri http://... (or MLFLOW_TRACKING_URI)."""
+    import os
+
+    from harness.study import load_study
+    from harness.sweep import _chosen, join
+
+    study = load_study(study_path)
+    ws = _workspace(workspace)
+    _interruptible()
+    chosen, n_trials = _chosen(study, list(strategies) or None, trials)
+    offset = seed_offset if seed_offset is not None else os.getpid()
+    w = join(study, ws, chosen, n_trials, storage, tracking_uri, heartbeat, workers=2, name=name,
+             seed_offset=offset, echo=click.echo)
+    w.prepare()
+    w.run()
+    click.echo(f"{name or 'worker'}: every strategy has its {n_trials} trials")
 
 
 @main.command()

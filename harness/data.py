@@ -347,7 +347,11 @@ def _scan_imagefolder(root: str | None) -> tuple[Layout, list[str]]:
 
 def _class_dirs(folder: Path) -> list[Path]:
     """Visible subfolders, sorted by name (their names are the class names)."""
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    for p in entries:
+        if p.is_symlink() and not p.exists():   # may be a class folder: never leave one out silently
+            raise HarnessError(f"data.root: {p} is a broken symbolic link")
+    return sorted(p for p in entries if p.is_dir())
 
 
 def _scan_split(folder: Path, names: list[str], must_have_all: bool) -> list[tuple[Path, int]]:
@@ -359,8 +363,12 @@ def _scan_split(folder: Path, names: list[str], must_have_all: bool) -> list[tup
         # Hidden files are skipped: macOS '._x.jpg' companions are not images.
         files = sorted(
             p for p in class_dir.iterdir()
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+            and (p.is_file() or (p.is_symlink() and not p.exists()))   # a broken link: refused below
         )
+        for p in files:
+            if not p.exists():
+                raise HarnessError(f"data.root: cannot read image {p}: a broken symbolic link")
         if not files:
             raise HarnessError(f"data.root: class folder {class_dir} has no images")
         items += [(p, names.index(class_dir.name)) for p in files]

@@ -13,7 +13,8 @@ from harness.errors import HarnessError
 from harness.recipe import Recipe
 from harness.space import on_boundary
 from harness.study import Study
-from harness.sweep import best_trial, count_trials, load_ostudy, storage_url
+from harness.storage import resolve as storage_url
+from harness.sweep import best_trial, count_trials, load_ostudy
 
 
 def status_rows(study: Study, workspace: str | Path, storage: str | None = None) -> list[dict[str, Any]]:
@@ -23,10 +24,11 @@ def status_rows(study: Study, workspace: str | Path, storage: str | None = None)
     for strategy in study.strategies:
         ostudy = load_ostudy(study, strategy, url)
         row: dict[str, Any] = {"strategy": strategy, "complete": 0, "pruned": 0, "failed": 0,
-                               "running": 0, "best": None, "best_params": {}, "on_boundary": []}
+                               "lost": 0, "running": 0, "best": None, "best_params": {}, "on_boundary": []}
         if ostudy is not None:
             c = count_trials(ostudy)
-            row.update(complete=c.complete, pruned=c.pruned, failed=c.failed + c.errored, running=c.running)
+            row.update(complete=c.complete, pruned=c.pruned, failed=c.failed, lost=c.errored,
+                       running=c.running)
             best = best_trial(ostudy)
             if best is not None:
                 row["best"] = best.value
@@ -38,11 +40,11 @@ def status_rows(study: Study, workspace: str | Path, storage: str | None = None)
     return rows
 
 
-def format_status(study: Study, rows: list[dict[str, Any]]) -> str:
+def format_status(study: Study, rows: list[dict[str, Any]], trials: int | None = None) -> str:
     metric = study.config.metric
-    lines = [f"study {study.name}: {study.config.trials} trials per strategy, "
+    lines = [f"study {study.name}: {trials or study.config.trials} trials per strategy, "
              f"{study.config.budget.epochs} epochs each, metric {metric}",
-             f"{'strategy':<15} {'complete':>8} {'pruned':>6} {'failed':>6} {'running':>7} "
+             f"{'strategy':<15} {'complete':>8} {'pruned':>6} {'failed':>6} {'lost':>4} {'running':>7} "
              f"{'best':>7}  best params / on boundary"]
     for r in rows:
         best = "-" if r["best"] is None else f"{r['best']:.4f}"
@@ -50,7 +52,7 @@ def format_status(study: Study, rows: list[dict[str, Any]]) -> str:
                            for k, v in r["best_params"].items())
         edge = f"  [on boundary: {', '.join(r['on_boundary'])}]" if r["on_boundary"] else ""
         lines.append(f"{r['strategy']:<15} {r['complete']:>8} {r['pruned']:>6} {r['failed']:>6} "
-                     f"{r['running']:>7} {best:>7}  {params}{edge}")
+                     f"{r['lost']:>4} {r['running']:>7} {best:>7}  {params}{edge}")
     return "\n".join(lines)
 
 

@@ -106,9 +106,14 @@ def _base_recipe(recipe: dict | str, study_path: Path) -> dict:
     elif "stages" in recipe:
         raise HarnessError(f"{study_path}: recipe.stages: not allowed in a study (each strategy makes its stages)")
     try:
-        Recipe.model_validate({**recipe, "stages": [{"epochs": 1, "lr": 1e-3}]})
+        data = Recipe.model_validate({**recipe, "stages": [{"epochs": 1, "lr": 1e-3}]}).data
     except ValidationError as e:
         raise HarnessError(f"{study_path}: recipe.{format_validation_error(e, Recipe)}") from None
+    # trials are scored on the validation split: without one, every trial would train and then fail
+    own_val = data.dataset == "imagefolder" and all((Path(data.root) / d).is_dir() for d in ("train", "val"))
+    if data.val_fraction == 0 and not own_val:
+        raise HarnessError(f"{study_path}: recipe.data.val_fraction: a sweep needs a validation split "
+                           f"(> 0, or an image folder with its own train/ and val/ folders)")
     return recipe
 
 

@@ -14,17 +14,11 @@ from typing import Any, Callable
 
 import optuna
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, redact
 from harness.space import suggest
 from harness.study import Study
 
 PARENT_ATTR = "mlflow_parent_run_id"
-
-
-def storage_url(workspace: str | Path, explicit: str | None = None) -> str:
-    """--storage, else HARNESS_STORAGE, else the workspace's optuna.db."""
-    from harness.tracking import store_url
-    return store_url(workspace, explicit, "HARNESS_STORAGE", "optuna.db")
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -48,34 +42,19 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def load_ostudy(study: Study, strategy: str, storage: str) -> optuna.Study | None:
+def load_ostudy(study: Study, strategy: str, spec: str) -> optuna.Study | None:
     """The strategy's Optuna study, or None when it was never started."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
-        return None  # nothing swept yet; looking must not create a database
+    from harness import storage
+    if not storage.exists(spec):
+        return None  # nothing swept yet; looking must not create a store
     try:
-        return optuna.load_study(study_name=f"{study.name}/{strategy}", storage=storage)
+        return optuna.load_study(study_name=f"{study.name}/{strategy}", storage=storage.open_storage(spec))
     except KeyError:
         return None
+    except HarnessError:
+        raise
     except Exception as e:
-        raise HarnessError(f"--storage: cannot open {_redact(storage)} ({e.__class__.__name__})") from None
-
-
-def open_study(study: Study, strategy: str, storage: str, seed: int = 0) -> optuna.Study:
-    """The strategy's Optuna study (created if new). The sampler's seed is offset by the
-    trials already there, so a resumed sweep does not replay the same random draws."""
-    existing = load_ostudy(study, strategy, storage)
-    n = len(existing.get_trials(deepcopy=False)) if existing else 0
-    return optuna.create_study(study_name=f"{study.name}/{strategy}", storage=storage, load_if_exists=True,
-                               direction=study.direction,
-                               sampler=make_sampler(study.config.sampler, seed + n),
-                               pruner=make_pruner(study.config.pruner, study.config.budget.epochs))
-
-
-def _redact(url: str) -> str:
-    # never print a database password
-    import re
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+        raise HarnessError(f"--storage: cannot open {redact(spec)} ({e.__class__.__name__})") from None
 
 
 @dataclass
@@ -117,86 +96,80 @@ def best_trial(ostudy: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 def run_sweep(study: Study, workspace: str | Path, strategies: list[str] | None = None,
               trials: int | None = None, storage: str | None = None, tracking_uri: str | None = None,
-              centre: dict[str, dict[str, Any]] | None = None,
-              echo: Callable[[str], None] = print) -> dict[str, optuna.Study]:
-    """Run (or resume) the sweep: per strategy, add only the trials still missing.
+              centre: dict[str, dict[str, Any]] | None = None, workers: int | None = None,
+              workers_per_gpu: int = 1, heartbeat: int = 30,
+              echo: Callable[[str], None] = print) -> None:
+    """Run (or resume) the sweep: per strategy, add only the trials still missing, in this
+    process (one worker) or in `workers` worker processes.
 
     `centre` optionally replaces a strategy's first trial (e.g. from lr-find)."""
-    from harness.tracking import default_tracking_uri, make_client, mlflow_run
-    from harness.train import check_inputs
+    from harness import launch
 
+    strategies, n_trials = _chosen(study, strategies, trials)
+    envs = launch.worker_envs(study, workers, workers_per_gpu)
+    worker = join(study, workspace, strategies, n_trials, storage, tracking_uri, heartbeat,
+                  workers=len(envs), echo=echo)
+    worker.prepare(centre)
+    for s in strategies:
+        done = count_trials(worker.ostudies[s]).done
+        echo(f"[{s}] {done} trials done, running {n_trials - done} more ({study.config.budget.epochs} epochs each)"
+             if done < n_trials else f"[{s}] already has {done} trials; nothing to add")
+    if len(envs) == 1:
+        worker.run()
+        return
+    echo(f"starting {len(envs)} workers on {launch.describe(envs)}")
+    launch.supervise(launch.worker_argv(study, workspace, strategies, n_trials, heartbeat), envs,
+                     {"HARNESS_STORAGE": worker.spec, "MLFLOW_TRACKING_URI": worker.uri}, echo)
+
+
+def join(study: Study, workspace: str | Path, strategies: list[str], n_trials: int,
+         storage: str | None, tracking_uri: str | None, heartbeat: int = 30, workers: int = 1,
+         name: str = "", seed_offset: int = 0, echo: Callable[[str], None] = print):
+    """Everything checked before any store is written (data and weights, the Optuna store
+    reachable, the tracking store writable), then a Worker for this process."""
+    from harness import storage as st
+    from harness.tracking import default_tracking_uri, probe_tracking
+    from harness.train import check_inputs
+    from harness.worker import Worker
+
+    # the data and weights are the same for every trial
+    check_inputs(study.recipe_for(strategies[0], study.baseline(strategies[0])), workspace)
+    spec = st.resolve(workspace, storage)
+    st.check(spec, workers)
+    uri = default_tracking_uri(workspace, tracking_uri)
+    probe_tracking(uri, study.name, workspace)
+    return Worker(study, workspace, spec, uri, strategies, n_trials, heartbeat, name, seed_offset, echo)
+
+
+def _chosen(study: Study, strategies: list[str] | None, trials: int | None) -> tuple[list[str], int]:
     strategies = strategies or study.strategies
     unknown = [s for s in strategies if s not in study.spaces]
     if unknown:
         raise HarnessError(f"--strategy: '{unknown[0]}' is not in the study "
                            f"(it has: {', '.join(study.strategies)})")
-    n_trials = trials or study.config.trials
-    # the data and weights are the same for every trial: check them before any store is touched
-    check_inputs(study.recipe_for(strategies[0], study.baseline(strategies[0])), workspace)
-    storage = storage_url(workspace, storage)
-    uri = default_tracking_uri(workspace, tracking_uri)
-    seed = int(study.base.get("seed", 0))
-    out = {}
-    for strategy in strategies:
-        ostudy = open_study(study, strategy, storage, seed)
-        out[strategy] = ostudy
-        counts = count_trials(ostudy)
-        missing = n_trials - counts.done
-        if missing <= 0:
-            echo(f"[{strategy}] already has {counts.done} trials; nothing to add")
-            continue
-        first = (centre or {}).get(strategy) or study.baseline(strategy)
-        if first and _first_trial_missing(ostudy):
-            ostudy.enqueue_trial(first)
-        parent_id = _existing_parent(make_client(uri), ostudy.user_attrs.get(PARENT_ATTR))
-        echo(f"[{strategy}] {counts.done} trials done, running {missing} more "
-             f"({study.config.budget.epochs} epochs each)")
-        with mlflow_run(uri, study.name, strategy, workspace, resume_run_id=parent_id,
-                        tags={"strategy": strategy, "harness.kind": "sweep",
-                              "optuna.study": ostudy.study_name}) as parent:
-            if parent_id is None:
-                ostudy.set_user_attr(PARENT_ATTR, parent.run_id)
-                parent.log_params({"strategy": strategy, "budget.epochs": study.config.budget.epochs,
-                                   "sampler": study.config.sampler, "pruner": study.config.pruner,
-                                   "metric": study.config.metric})
-            objective = _objective(study, strategy, uri, workspace, parent.run_id)
-            progress = _Progress(strategy, n_trials, echo)
-            ostudy.optimize(objective, n_trials=missing, callbacks=[progress], gc_after_trial=True)
-            summarize_parent(study, strategy, ostudy, parent)
-    return out
+    return strategies, trials or study.config.trials
 
 
-def _first_trial_missing(ostudy: optuna.Study) -> bool:
-    """True for a new study, and when every enqueued first trial so far crashed (FAIL with
-    no recorded divergence) and none is waiting: the baseline must still run."""
-    enqueued = [t for t in ostudy.get_trials(deepcopy=False) if "fixed_params" in t.system_attrs]
-    if not ostudy.get_trials(deepcopy=False):
-        return True
-    return bool(enqueued) and all(t.state == optuna.trial.TrialState.FAIL and "failure" not in t.user_attrs
-                                  for t in enqueued)
-
-
-def _existing_parent(client, run_id: str | None) -> str | None:
-    if not run_id:
-        return None
-    try:
-        client.get_run(run_id)
-        return run_id
-    except Exception:  # the tracking store was reset: start a new parent
-        return None
-
-
-def _objective(study: Study, strategy: str, uri: str, workspace, parent_id: str):
+def _objective(study: Study, strategy: str, uri: str, workspace, parent_id: str,
+               on_start: Callable[[optuna.Trial], None] = lambda trial: None, worker: str = ""):
     from harness.tracking import mlflow_run, tracked_fine_tune
 
     def objective(trial: optuna.Trial) -> float:
+        on_start(trial)
+        try:
+            return run_trial(trial)
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)   # FAIL, not a result: run again on resume
+            raise
+
+    def run_trial(trial: optuna.Trial) -> float:
         params = suggest(trial, study.spaces[strategy])
         recipe = study.recipe_for(strategy, params)
         trial.set_user_attr("recipe", recipe.to_yaml())
         started = time.perf_counter()
         with mlflow_run(uri, study.name, f"{strategy}-trial-{trial.number}", workspace,
                         parent_run_id=parent_id,
-                        tags={"strategy": strategy, "optuna.trial_number": trial.number}) as tracker:
+                        tags=_trial_tags(strategy, trial, worker)) as tracker:
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
 
             def report(epoch: int, val_accuracy: float | None) -> None:
@@ -219,6 +192,15 @@ def _objective(study: Study, strategy: str, uri: str, workspace, parent_id: str)
         return result.val_accuracy
 
     return objective
+
+
+def _trial_tags(strategy: str, trial: optuna.Trial, worker: str) -> dict[str, Any]:
+    tags = {"strategy": strategy, "optuna.trial_number": trial.number}
+    if worker:
+        tags["harness.worker"] = worker
+    if "retry_of" in trial.user_attrs:   # a re-run of a lost or interrupted trial
+        tags["optuna.retry_of"] = trial.user_attrs["retry_of"]
+    return tags
 
 
 class _Progress:

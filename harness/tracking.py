@@ -5,6 +5,7 @@ run), so workers and threads can log children under a parent they were handed.
 """
 from __future__ import annotations
 
+import errno
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -12,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, reason, redact
 
 BATCH = 1000        # MLflow's limit of metrics per log_batch request
 PARAM_BATCH = 100   # ... and of params
@@ -82,13 +83,23 @@ class MlflowTracker:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        self._artifact(self.client.log_text, text, name)
 
     def log_figure(self, fig, name: str) -> None:
-        self.client.log_figure(self.run_id, fig, name)
+        self._artifact(self.client.log_figure, fig, name)
 
     def log_file(self, path: str | Path, folder: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), folder)
+        self._artifact(self.client.log_artifact, str(path), folder)
+
+    def _artifact(self, log, *args) -> None:
+        try:
+            log(self.run_id, *args)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT) or e.filename:
+                raise
+            # name where it was going: the error the user sees says which disk is full
+            where = self.client.get_run(self.run_id).info.artifact_uri.removeprefix("file://")
+            raise OSError(e.errno, e.strerror, where) from e
 
     def flush(self) -> None:
         """Wait for every metric batch sent so far; re-raise the first failure."""
@@ -129,8 +140,52 @@ def make_client(tracking_uri: str):
     try:
         return MlflowClient(tracking_uri=tracking_uri)
     except Exception as e:
-        raise HarnessError(f"tracking URI {tracking_uri}: cannot open ({e.__class__.__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise HarnessError(f"tracking URI {redact(tracking_uri)}: cannot open ({reason(e)})") from None
+
+
+def open_run(client, tracking_uri: str, experiment: str, run_name: str, workspace: str | Path,
+             parent_run_id: str | None = None, tags: dict | None = None, resume_run_id: str | None = None):
+    """Create a run (a child of `parent_run_id` when given), or reopen `resume_run_id`."""
+    artifact_root = Path(workspace) / "artifacts" if tracking_uri.startswith("sqlite:") else None
+    try:
+        if resume_run_id:
+            client.update_run(resume_run_id, status="RUNNING")
+            return client.get_run(resume_run_id)
+        exp_id = get_experiment_id(client, experiment, artifact_root)
+        all_tags = {k: str(v) for k, v in (tags or {}).items()}   # a server takes strings only
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        return client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    except HarnessError:
+        raise
+    except Exception as e:
+        raise HarnessError(f"tracking URI {redact(tracking_uri)}: cannot create a run ({reason(e)})") from None
+
+
+def probe_tracking(tracking_uri: str, experiment: str, workspace: str | Path) -> None:
+    """Can we write there? Checked before any other store is touched: the experiment is
+    created (or tagged, if it exists), which a read-only or unreachable store refuses."""
+    if tracking_uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+        try:
+            urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=10).close()
+        except urllib.error.HTTPError:
+            pass   # it answers: whether it takes writes is checked below
+        except Exception as e:
+            raise HarnessError(f"tracking URI {redact(tracking_uri)}: cannot reach the server ({reason(e)})") from None
+    import logging
+    client = make_client(tracking_uri)
+    artifact_root = Path(workspace) / "artifacts" if tracking_uri.startswith("sqlite:") else None
+    log = logging.getLogger("mlflow")
+    level, log.level = log.level, logging.CRITICAL   # a refused write is logged with a traceback
+    try:
+        exp_id = get_experiment_id(client, experiment, artifact_root)
+        client.set_experiment_tag(exp_id, "harness.study", experiment)
+    except Exception as e:
+        raise HarnessError(f"tracking URI {redact(tracking_uri)}: cannot write ({reason(e)})") from None
+    finally:
+        log.setLevel(level)
 
 
 @contextmanager
@@ -144,22 +199,7 @@ def mlflow_run(tracking_uri: str, experiment: str, run_name: str, workspace: str
     (a diverged fine-tune ends FAILED with its reason).
     """
     client = make_client(tracking_uri)
-    artifact_root = Path(workspace) / "artifacts" if tracking_uri.startswith("sqlite:") else None
-    try:
-        if resume_run_id:
-            client.update_run(resume_run_id, status="RUNNING")
-            run = client.get_run(resume_run_id)
-        else:
-            exp_id = get_experiment_id(client, experiment, artifact_root)
-            all_tags = dict(tags or {})
-            if parent_run_id:
-                all_tags["mlflow.parentRunId"] = parent_run_id
-            run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
-    except HarnessError:
-        raise
-    except Exception as e:
-        raise HarnessError(f"tracking URI {tracking_uri}: cannot create a run "
-                           f"({e.__class__.__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    run = open_run(client, tracking_uri, experiment, run_name, workspace, parent_run_id, tags, resume_run_id)
     tracker = MlflowTracker(client, run.info.run_id)
     tracker.status, tracker.reason = "FINISHED", None
     try:

@@ -152,6 +152,12 @@ def check_inputs(recipe: Recipe, workspace: str | Path = "workspace") -> None:
     cached in memory for the run), the weights are there and fit the arch."""
     resolve_device(recipe.device)
     ds = data_mod.load_dataset(recipe.data, Path(workspace), recipe.seed)
+    if len(ds.class_names) < 2:   # an image folder with a single class folder
+        where = f"data.root: {recipe.data.root}" if recipe.data.dataset == "imagefolder" else "data.classes:"
+        raise HarnessError(f"{where} has only one class ({ds.class_names[0]}); a classifier needs at least 2")
+    n_train, bs = len(ds.train.y), recipe.data.batch_size
+    if data_mod.steps_per_epoch(n_train, bs) == 0:   # as prepare() would find, after a run was opened
+        raise HarnessError(f"data.batch_size: {bs} is larger than the training set ({n_train} images)")
     if recipe.model.weights != "none":
         build_model(recipe.model.arch, len(ds.class_names), recipe.model.weights, recipe.model.head)
 
@@ -176,63 +182,86 @@ def fine_tune(recipe: Recipe, tracker: Tracker | None = None,
     bar = _progress_bar(total_steps, progress)
     start, step, epoch = time.perf_counter(), 0, 0
 
-    for stage_idx, stage in enumerate(recipe.stages):
-        set_trainable(model, stage.trainable_groups(n_groups), recipe.model.train_bn)
-        opt = make_optimizer(model, stage, recipe, dev)
-        heads = [next(pg for pg in opt.param_groups if pg["layer_group"] == g) for g in range(n_groups)]
-        peaks = stage.peak_lrs(n_groups)
-        T = stage.epochs * n_iter
-        result.stage_starts.append(step)
-        for _ in range(stage.epochs):
-            t0, first_step, losses = time.perf_counter(), step, []
-            for i, (x, y) in enumerate(data_mod.train_batches(train_split, bs, gen, recipe.data.augment)):
-                s = step - result.stage_starts[-1]
-                mom = one_cycle_mom(s, T, stage.pct_start, stage.moms)
-                for pg in opt.param_groups:
-                    pg["lr"] = one_cycle_lr(s, T, peaks[pg["layer_group"]], stage.div, stage.div_final,
-                                            stage.pct_start)
-                    pg["betas"] = (mom, recipe.optimizer.sqr_mom)
-                result.lrs.append([pg["lr"] for pg in heads])
-                result.moms.append(heads[0]["betas"][0])
-                with _autocast(dev):
-                    loss = nn.functional.cross_entropy(model(_memory_format(x, dev)).float(), y)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(loss.detach())
-                step += 1
-                bar.update(1)
-            epoch += 1
-            step_losses = torch.stack(losses).float().cpu()   # the one read per epoch
-            _log_steps(tracker, result, first_step, step_losses)
-            bad = (~torch.isfinite(step_losses)).nonzero()
-            if len(bad):
-                result.status = f"diverged at step {first_step + int(bad[0])}"
+    try:
+        for stage_idx, stage in enumerate(recipe.stages):
+            set_trainable(model, stage.trainable_groups(n_groups), recipe.model.train_bn)
+            opt = make_optimizer(model, stage, recipe, dev)
+            heads = [next(pg for pg in opt.param_groups if pg["layer_group"] == g) for g in range(n_groups)]
+            peaks = stage.peak_lrs(n_groups)
+            T = stage.epochs * n_iter
+            result.stage_starts.append(step)
+            for _ in range(stage.epochs):
+                t0, first_step, losses = time.perf_counter(), step, []
+                for i, (x, y) in enumerate(data_mod.train_batches(train_split, bs, gen, recipe.data.augment)):
+                    s = step - result.stage_starts[-1]
+                    mom = one_cycle_mom(s, T, stage.pct_start, stage.moms)
+                    for pg in opt.param_groups:
+                        pg["lr"] = one_cycle_lr(s, T, peaks[pg["layer_group"]], stage.div, stage.div_final,
+                                                stage.pct_start)
+                        pg["betas"] = (mom, recipe.optimizer.sqr_mom)
+                    result.lrs.append([pg["lr"] for pg in heads])
+                    result.moms.append(heads[0]["betas"][0])
+                    with _autocast(dev):
+                        loss = nn.functional.cross_entropy(model(_memory_format(x, dev)).float(), y)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    losses.append(loss.detach())
+                    step += 1
+                    bar.update(1)
+                epoch += 1
+                step_losses = torch.stack(losses).float().cpu()   # the one read per epoch
+                _log_steps(tracker, result, first_step, step_losses)
+                bad = (~torch.isfinite(step_losses)).nonzero()
+                if len(bad):
+                    result.status = f"diverged at step {first_step + int(bad[0])}"
+                    break
+                val_loss, val_acc = evaluate(model, val_split, 2 * bs, dev)
+                if val_loss is not None and not math.isfinite(val_loss):
+                    # the weights blew up even if the last training losses were still finite
+                    result.status = f"diverged at step {step - 1} (validation loss is {val_loss})"
+                    break
+                stats = EpochStats(epoch, stage_idx, float(step_losses.mean()), val_loss, val_acc,
+                                   time.perf_counter() - t0)
+                result.epochs.append(stats)
+                tracker.log_epoch(epoch, {k: v for k, v in (("train/loss_epoch", stats.train_loss),
+                                                             ("val/loss", val_loss),
+                                                             ("val/accuracy", val_acc)) if v is not None})
+                bar.set_postfix_str(f"epoch {epoch} val_acc {val_acc if val_acc is None else round(val_acc, 4)}")
+                if report is not None:
+                    report(epoch, val_acc)
+            if not result.ok:
                 break
-            val_loss, val_acc = evaluate(model, val_split, 2 * bs, dev)
-            if val_loss is not None and not math.isfinite(val_loss):
-                # the weights blew up even if the last training losses were still finite
-                result.status = f"diverged at step {step - 1} (validation loss is {val_loss})"
-                break
-            stats = EpochStats(epoch, stage_idx, float(step_losses.mean()), val_loss, val_acc,
-                               time.perf_counter() - t0)
-            result.epochs.append(stats)
-            tracker.log_epoch(epoch, {k: v for k, v in (("train/loss_epoch", stats.train_loss),
-                                                         ("val/loss", val_loss),
-                                                         ("val/accuracy", val_acc)) if v is not None})
-            bar.set_postfix_str(f"epoch {epoch} val_acc {val_acc if val_acc is None else round(val_acc, 4)}")
-            if report is not None:
-                report(epoch, val_acc)
-        if not result.ok:
-            break
-    bar.close()
-
-    if result.ok and evaluate_test:
-        _, result.test_accuracy = evaluate(model, data_mod.to_device(ds.test, dev), 2 * bs, dev)
-        if result.test_accuracy is not None:
-            tracker.log_epoch(epoch, {"test/accuracy": result.test_accuracy})
+        if result.ok and evaluate_test:
+            _, result.test_accuracy = evaluate(model, data_mod.to_device(ds.test, dev), 2 * bs, dev)
+            if result.test_accuracy is not None:
+                tracker.log_epoch(epoch, {"test/accuracy": result.test_accuracy})
+    except Exception as e:
+        if not _out_of_memory(e):
+            raise
+        # a property of the trial (its batch size, its model), not of the machine: a failed
+        # result, and a sweep goes on with the next trial
+        result.status = f"out of memory at batch size {bs}"
+    finally:
+        bar.close()
+    if result.status.startswith("out of memory"):
+        _release_memory(dev)   # here, where the failed step's frames are gone
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _out_of_memory(e: Exception) -> bool:
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _release_memory(device: torch.device) -> None:
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _log_steps(tracker: Tracker, result: Result, first_step: int, losses: torch.Tensor) -> None:

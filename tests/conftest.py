@@ -34,6 +34,17 @@ def tiny_recipe_dict(**overrides) -> dict:
     return d
 
 
+def template_store(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow SQLite store made once per session (migrating takes seconds,
+    copying the file nothing)."""
+    template = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
+    if not template.exists():
+        from mlflow.tracking import MlflowClient
+        template.parent.mkdir(exist_ok=True)
+        MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
+    return template
+
+
 @pytest.fixture
 def tiny_recipe() -> Recipe:
     return Recipe.from_dict(tiny_recipe_dict())
@@ -50,3 +61,23 @@ def _few_threads():
     # deterministic, and fair to the 2-core CI machine
     torch.set_num_threads(2)
     yield
+
+
+# --- real services: PostgreSQL on 127.0.0.1:5432, an `mlflow server` on loopback --------------
+# They run in CI (PostgreSQL is started before it); a missing server is an error, not a skip.
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL database of this test's own (dropped afterwards): its URL."""
+    from services import pg_database
+    with pg_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """docker/compose.yaml's own `mlflow server` command, run on loopback against a
+    PostgreSQL database of its own: the tracking URI."""
+    from services import compose_mlflow_server
+    with compose_mlflow_server(tmp_path_factory.mktemp("mlartifacts")) as uri:
+        yield uri

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import needs_fashion, tiny_recipe_dict
+from conftest import needs_fashion, tiny_recipe_dict, template_store
 from harness.cli import main
 from harness.recipe import Recipe
 
@@ -20,15 +20,6 @@ HARNESS = Path(sys.executable).parent / "harness"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def template_store(tmp_path_factory) -> Path:
-    """An empty, migrated MLflow SQLite store made once per session (creating the tables
-    takes seconds; a copy is instant)."""
-    template = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
-    if not template.exists():
-        from mlflow.tracking import MlflowClient
-        template.parent.mkdir(exist_ok=True)
-        MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
-    return template
 
 
 def run_count(db: Path) -> int:

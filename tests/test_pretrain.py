@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import needs_fashion
+from conftest import needs_fashion, template_store
 from harness import train as train_mod
 from harness import tracking
 from harness.errors import HarnessError
@@ -23,14 +23,6 @@ SOURCE_CLASSES = ["T-shirt/top", "Trouser"]
 TARGET_CLASSES = ["Sandal", "Sneaker", "Bag"]
 
 
-def template_store(tmp_path_factory) -> Path:
-    """An empty, migrated MLflow SQLite store made once per session."""
-    template = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
-    if not template.exists():
-        from mlflow.tracking import MlflowClient
-        template.parent.mkdir(exist_ok=True)
-        MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
-    return template
 
 
 def source_recipe(seed: int = 0) -> Recipe:

@@ -58,11 +58,11 @@ def test_status_names_every_strategy_with_its_counts_and_best(swept):
         trials = ostudy.get_trials()
         complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
         fields = status_line(out, strategy)
-        assert fields[:6] == [strategy, str(complete), "0", "0", "0", f"{ostudy.best_trial.value:.4f}"]
+        assert fields[:7] == [strategy, str(complete), "0", "0", "0", "0", f"{ostudy.best_trial.value:.4f}"]
         for name in ostudy.best_trial.params:
             assert f"{name}=" in out
     # the sweep printed the same table at its end
-    assert status_line(swept.output, "naive")[:6] == status_line(out, "naive")[:6]
+    assert status_line(swept.output, "naive")[:7] == status_line(out, "naive")[:7]
 
 
 @needs_fashion
@@ -71,7 +71,7 @@ def test_status_of_a_strategy_never_swept(swept, tmp_path):
     d = {**BASE_STUDY, "recipe": base_recipe(), "strategies": {**BASE_STUDY["strategies"], "head_only": None}}
     path = write_study(tmp_path / "study.yaml", d)
     out = invoke(["status", path, "--workspace", swept.workspace, "--storage", swept.storage]).output
-    assert status_line(out, "head_only") == ["head_only", "0", "0", "0", "0", "-"]
+    assert status_line(out, "head_only") == ["head_only", "0", "0", "0", "0", "0", "-"]
     assert status_line(out, "naive")[1] == "2"
 
 
@@ -108,7 +108,7 @@ def test_status_flags_a_best_point_on_the_range_boundary(tmp_path):
     assert (rows["two_phase"]["complete"], rows["two_phase"]["best"], rows["two_phase"]["on_boundary"]) == (0, None, [])
     out = invoke(["status", path, "--workspace", tmp_path, "--storage", storage]).output
     line = next(ln for ln in out.splitlines() if ln.startswith("naive "))
-    assert line.split()[:6] == ["naive", "3", "0", "0", "0", "0.9000"]
+    assert line.split()[:7] == ["naive", "3", "0", "0", "0", "0", "0.9000"]
     assert line.endswith("[on boundary: lr (low)]")
     assert "on boundary" not in next(ln for ln in out.splitlines() if ln.startswith("two_phase "))
 
@@ -117,16 +117,18 @@ def test_status_counts_pruned_trials(tmp_path):
     path, study, storage = constructed_storage(tmp_path, {
         "naive": [naive_trial(0.8, 1e-3, 0.4), naive_trial(0.2, 2e-3, 0.4, state=optuna.trial.TrialState.PRUNED)]})
     out = invoke(["status", path, "--workspace", tmp_path, "--storage", storage]).output
-    assert out.splitlines()[2].split()[:6] == ["naive", "1", "1", "0", "0", "0.8000"]
+    assert out.splitlines()[2].split()[:7] == ["naive", "1", "1", "0", "0", "0", "0.8000"]
 
 
 def test_status_counts_failed_trials(tmp_path):
     path, study, storage = constructed_storage(tmp_path, {
         "naive": [naive_trial(0.8, 1e-3, 0.4),
-                  naive_trial(None, 2e-3, 0.4, state=optuna.trial.TrialState.FAIL, failure="diverged at step 3")]})
+                  naive_trial(None, 2e-3, 0.4, state=optuna.trial.TrialState.FAIL, failure="diverged at step 3"),
+                  naive_trial(None, 3e-3, 0.4, state=optuna.trial.TrialState.FAIL)]})   # lost: no failure
     res = CliRunner().invoke(main, ["status", str(path), "--workspace", str(tmp_path), "--storage", storage])
     assert res.exit_code == 0, repr(res.exception)
-    assert res.output.splitlines()[2].split()[:6] == ["naive", "1", "0", "1", "0", "0.8000"]
+    # complete, pruned, failed (a result), lost (crashed or interrupted: run again), running
+    assert res.output.splitlines()[2].split()[:7] == ["naive", "1", "0", "1", "1", "0", "0.8000"]
 
 
 # --- compare on the base sweep ------------------------------------------------------------------

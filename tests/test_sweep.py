@@ -21,7 +21,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from conftest import FASHION_DIR, needs_fashion, tiny_recipe_dict
+from conftest import FASHION_DIR, needs_fashion, tiny_recipe_dict, template_store
 from harness.cli import main
 from harness.recipe import Recipe
 from harness.study import Study, load_study
@@ -54,15 +54,6 @@ def write_study(path: Path, d: dict) -> Path:
     return path
 
 
-def template_store(tmp_path_factory) -> Path:
-    """An empty, migrated MLflow SQLite store made once per session (migrating takes seconds,
-    copying the file nothing)."""
-    template = tmp_path_factory.getbasetemp() / "mlflow-template-sweep" / "mlflow.db"
-    if not template.exists():
-        from mlflow.tracking import MlflowClient
-        template.parent.mkdir(exist_ok=True)
-        MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
-    return template
 
 
 def fresh_tracking_uri(tmp_path_factory, folder: Path) -> str:
@@ -99,7 +90,8 @@ class Sweep:
         return o + (["--tracking-uri", self.tracking] if tracking else [])
 
     def ostudy(self, strategy: str) -> optuna.Study:
-        return optuna.load_study(study_name=f"{self.study.name}/{strategy}", storage=self.storage)
+        from harness.storage import open_storage
+        return optuna.load_study(study_name=f"{self.study.name}/{strategy}", storage=open_storage(self.storage))
 
     def runs(self) -> list:
         client = client_for(self.tracking)
@@ -187,16 +179,7 @@ def history(client, run_id: str, key: str) -> list:
     return sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
 
 
-# --- storage URL ---------------------------------------------------------------------------------
-
-def test_storage_url_explicit_then_env_then_workspace(tmp_path, monkeypatch):
-    from harness.sweep import storage_url
-    monkeypatch.delenv("HARNESS_STORAGE", raising=False)
-    assert storage_url(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'optuna.db'}"
-    monkeypatch.setenv("HARNESS_STORAGE", "sqlite:////somewhere/else.db")
-    assert storage_url(tmp_path) == "sqlite:////somewhere/else.db"
-    assert storage_url(tmp_path, "sqlite:////explicit.db") == "sqlite:////explicit.db"
-
+# --- options -------------------------------------------------------------------------------------
 
 def test_unknown_strategy_option_is_one_line_exit_2(tmp_path):
     path = write_study(tmp_path / "study.yaml", {**BASE_STUDY, "recipe": base_recipe()})
@@ -401,7 +384,36 @@ def test_a_diverged_trial_is_failed_with_its_reason_and_the_sweep_goes_on(tmp_pa
     assert parent.info.status == "FINISHED"
     # the status table counts them as failed
     line = next(ln for ln in sw.output.splitlines() if ln.startswith("naive "))
-    assert line.split()[:6] == ["naive", "0", "0", "2", "0", "-"]
+    assert line.split()[:7] == ["naive", "0", "0", "2", "0", "0", "-"]
+
+
+@needs_fashion
+def test_a_trial_out_of_memory_fails_with_its_batch_size_and_the_sweep_goes_on(tmp_path, tmp_path_factory,
+                                                                              workspace, monkeypatch):
+    real, calls = torch.nn.functional.cross_entropy, []
+
+    def cross_entropy(*args, **kwargs):      # the first trial's first step runs out of memory
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", cross_entropy)
+    study = {**BASE_STUDY, "name": "oom", "recipe": base_recipe(), "trials": 2,
+             "strategies": {"naive": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}}}
+    path = write_study(tmp_path / "study.yaml", study)
+    sw = Sweep(path, load_study(path), workspace, str(tmp_path / "optuna.journal"),
+               fresh_tracking_uri(tmp_path_factory, tmp_path), "")
+    res = CliRunner().invoke(main, ["sweep", str(path), *sw.opts()])
+    assert res.exit_code == 0, res.output
+    first, second = sw.ostudy("naive").get_trials()
+    assert first.state == optuna.trial.TrialState.FAIL
+    assert first.user_attrs["failure"] == "out of memory at batch size 8"
+    assert second.state == optuna.trial.TrialState.COMPLETE
+    assert "trial 0 fail     out of memory at batch size 8" in res.output
+    (parent,) = sw.parents().values()
+    kid = sw.children(parent.info.run_id)[0]
+    assert kid.info.status == "FAILED" and kid.data.tags["harness.reason"] == "out of memory at batch size 8"
 
 
 @needs_fashion
@@ -448,9 +460,8 @@ def test_median_pruner_prunes_a_trial_below_the_median(tmp_path, tmp_path_factor
     monkeypatch.setattr(harness.tracking, "tracked_fine_tune", fake_fine_tune([0.9, 0.9, 0.9, 0.1], calls))
     storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", fresh_tracking_uri(tmp_path_factory, tmp_path)
     lines: list[str] = []
-    out = run_sweep(study, tmp_path / "ws", strategies=["naive"], storage=storage, tracking_uri=uri,
-                    echo=lines.append)
-    assert list(out) == ["naive"]
+    run_sweep(study, tmp_path / "ws", strategies=["naive"], storage=storage, tracking_uri=uri,
+              echo=lines.append)
     assert len(calls) == 4
     assert calls[0] == {"lr": 1e-3}
     sw = Sweep(path, study, tmp_path / "ws", storage, uri, "\n".join(lines))

@@ -7,19 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import needs_fashion, tiny_recipe_dict
+from conftest import needs_fashion, tiny_recipe_dict, template_store
 from harness.recipe import Recipe
 from harness.tracking import MlflowTracker, default_tracking_uri, flatten, mlflow_run, tracked_fine_tune
 
 
-def template_store(tmp_path_factory) -> Path:
-    """An empty, migrated MLflow SQLite store, made once per session: creating the tables
-    takes seconds, copying the file takes nothing."""
-    template = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
-    if not template.exists():
-        template.parent.mkdir(exist_ok=True)
-        client_for(f"sqlite:///{template}").search_experiments()
-    return template
 
 
 @pytest.fixture

@@ -431,3 +431,44 @@ def test_tiny_recipe_trains_on_cuda(workspace):
     assert len(result.lrs) == 3 * STEPS_PER_EPOCH
     assert result.test_accuracy is not None and 0.0 <= result.test_accuracy <= 1.0
     assert next(result.model.parameters()).device.type == "cuda"
+
+
+# --- out of memory ------------------------------------------------------------------------
+
+def test_out_of_memory_in_a_step_is_a_failed_result_naming_the_batch_size(workspace, monkeypatch):
+    real = torch.nn.functional.cross_entropy
+    calls = []
+
+    def cross_entropy(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:          # the third step: what the allocator raises on a GPU
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", cross_entropy)
+    tracker = RecordingTracker()
+    result = fine_tune(Recipe.from_dict(tiny_recipe_dict()), tracker, workspace=workspace)
+    assert result.status == "out of memory at batch size 8"
+    assert not result.ok and result.test_accuracy is None
+    assert len(result.lrs) == 3 and result.epochs == []
+
+
+def test_other_runtime_errors_still_raise(workspace, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", boom)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        fine_tune(Recipe.from_dict(tiny_recipe_dict()), workspace=workspace)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_real_cuda_out_of_memory_is_a_failed_result(workspace):
+    # resnet50 at 512 px with 2048 images a batch needs far more than any GPU has
+    total = torch.cuda.get_device_properties(0).total_memory
+    d = tiny_recipe_dict(device="cuda", model={"arch": "resnet50"},
+                         data={"image_size": 512, "batch_size": 2048, "train_per_class": 2048})
+    result = fine_tune(Recipe.from_dict(d), workspace=workspace)
+    assert result.status == "out of memory at batch size 2048", (result.status, total)
+    assert torch.cuda.memory_allocated() < total // 4     # the memory was given back

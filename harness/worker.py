@@ -1,0 +1,295 @@
+"""Workers: processes, on one machine or many, that share a sweep's trials.
+
+Every worker runs the same loop. Under the study's lock (storage.StudyLock) it fails the
+trials of workers that died and queues them again, then claims one trial, or stops when the
+study has its trials, or waits while the last ones run elsewhere. Claiming under the lock
+keeps the count exact (a study never gets more trials than it asks for), and the first
+trial, the retries and the MLflow parent run are made once, whatever the number of workers.
+
+A dead worker is noticed by Optuna's heartbeat on PostgreSQL; on a journal or SQLite file
+(one machine) by its process id. Its trial ends FAIL, its MLflow run FAILED, and the same
+parameters are queued again (at most RETRIES times).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from harness import storage as st
+from harness.study import Study
+from harness.sweep import PARENT_ATTR, _objective, _Progress, count_trials, make_pruner, make_sampler, summarize_parent
+
+RETRIES = 3
+POLL_S = 2.0
+WORKER_ATTR = "worker"
+
+
+# --- who runs a trial, and is it still alive -----------------------------------------------
+def _start_time(pid: int) -> str | None:
+    try:  # field 22 of /proc/PID/stat: the start time, so a reused pid is not taken as alive
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid()) or '-'}"
+
+
+def alive(wid: str) -> bool | None:
+    """True/False for a worker of this host; None (unknown) for another host's."""
+    try:
+        host, pid, started = wid.rsplit(":", 2)
+        pid_i = int(pid)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid_i, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return started == "-" or _start_time(pid_i) == started
+
+
+def requeue(ostudy: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+    """Queue `trial`'s parameters again (a WAITING trial); False after RETRIES retries."""
+    history = list(trial.user_attrs.get("retry_history", [])) + [trial.number]
+    if len(history) > RETRIES:
+        return False
+    params = dict(trial.params) or dict(trial.system_attrs.get("fixed_params", {}))
+    ostudy.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, system_attrs={"fixed_params": params},
+        user_attrs={"retry_of": history[0], "retry_history": history}))
+    return True
+
+
+# --- Ctrl-C: the first one stops cleanly, the second one at once ---------------------------
+_on_second_interrupt: list[Callable[[], None]] = []
+
+
+def install_interrupt_handler(echo: Callable[[str], None]) -> None:
+    def second(signum, frame):
+        for hook in _on_second_interrupt:
+            try:
+                hook()
+            except Exception:
+                pass
+        os.write(2, b"interrupted again: exiting now\n")
+        os._exit(130)
+
+    def first(signum, frame):
+        signal.signal(signal.SIGINT, second)
+        echo("interrupted: stopping the running trial and closing the stores (Ctrl-C again to quit at once)")
+        raise KeyboardInterrupt
+
+    _on_second_interrupt.clear()
+    signal.signal(signal.SIGINT, first)
+
+
+class Worker:
+    """One process's share of a sweep: `prepare()` joins the studies, `run()` works them off."""
+
+    def __init__(self, study: Study, workspace: str | Path, spec: str, tracking_uri: str,
+                 strategies: list[str], n_trials: int, heartbeat: int | None = 30,
+                 name: str = "", seed_offset: int = 0, echo: Callable[[str], None] = print):
+        from harness.tracking import make_client
+        self.study, self.workspace, self.spec, self.uri = study, Path(workspace), spec, tracking_uri
+        self.strategies, self.n_trials, self.seed_offset = strategies, n_trials, seed_offset
+        self.name = name
+        self.echo = (lambda s: echo(f"[{name}] {s}")) if name else echo
+        self.id = worker_id()
+        self.kind = st.kind(spec)
+        self.client = make_client(tracking_uri)
+        self.storage = st.open_storage(spec, heartbeat, self._on_stale)
+        self.ostudies: dict[str, optuna.Study] = {}
+        self.parents: dict[str, str] = {}
+
+    def _lock(self, strategy: str) -> st.StudyLock:
+        return st.StudyLock(self.spec, f"{self.study.name}/{strategy}")
+
+    # --- joining ---------------------------------------------------------------------------
+    def prepare(self, centre: dict[str, dict[str, Any]] | None = None) -> None:
+        """Open (or create) each strategy's study and parent run; recover dead workers'
+        trials; queue the first trial of a new study and the retries of crashed ones."""
+        seed = int(self.study.base.get("seed", 0))
+        for s in self.strategies:
+            with self._lock(s):
+                name = f"{self.study.name}/{s}"
+                try:
+                    existing = optuna.load_study(study_name=name, storage=self.storage)
+                    n = len(existing.get_trials(deepcopy=False))
+                except KeyError:
+                    n = 0
+                ostudy = optuna.create_study(
+                    study_name=name, storage=self.storage, load_if_exists=True, direction=self.study.direction,
+                    sampler=make_sampler(self.study.config.sampler, seed + n + self.seed_offset),
+                    pruner=make_pruner(self.study.config.pruner, self.study.config.budget.epochs))
+                self.ostudies[s] = ostudy
+                self._recover(ostudy)
+                self._requeue_errored(ostudy)
+                if n == 0:
+                    first = (centre or {}).get(s) or self.study.baseline(s)
+                    if first:
+                        ostudy.enqueue_trial(first)
+                self.parents[s] = self._parent(s, ostudy)
+
+    def _parent(self, strategy: str, ostudy: optuna.Study) -> str:
+        from harness.tracking import open_run
+        run_id = ostudy.user_attrs.get(PARENT_ATTR)
+        status = _run_status(self.client, run_id)
+        if status is None:   # new, or the tracking store was reset
+            cfg = self.study.config
+            run = open_run(self.client, self.uri, self.study.name, strategy, self.workspace,
+                           tags={"strategy": strategy, "harness.kind": "sweep", "optuna.study": ostudy.study_name})
+            run_id = run.info.run_id
+            ostudy.set_user_attr(PARENT_ATTR, run_id)
+            from harness.tracking import MlflowTracker
+            MlflowTracker(self.client, run_id).log_params(
+                {"strategy": strategy, "budget.epochs": cfg.budget.epochs, "sampler": cfg.sampler,
+                 "pruner": cfg.pruner, "metric": cfg.metric})
+        elif status != "RUNNING" and count_trials(ostudy).done < self.n_trials:
+            self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
+    # --- working -----------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            waiting = [s for s in self.strategies if self._drain(s) == "busy"]
+            told: set[str] = set()
+            while waiting:
+                for s in list(waiting):
+                    if self._drain(s) == "complete":
+                        waiting.remove(s)
+                    elif s not in told:
+                        told.add(s)
+                        self.echo(f"[{s}] waiting for the trials running in other workers "
+                                  "(a lost one is run again here)")
+                if waiting:
+                    time.sleep(POLL_S)
+        except BaseException as e:
+            self._abandon(e)
+            raise
+
+    def _drain(self, strategy: str) -> str:
+        """Run this strategy's trials while there are some to claim: 'complete' or 'busy'."""
+        while (state := self._claim(strategy)) == "ran":
+            pass
+        if state == "complete":
+            self._finish(strategy)
+        return state
+
+    def _claim(self, strategy: str) -> str:
+        ostudy = self.ostudies[strategy]
+        with self._lock(strategy) as lock:
+            self._recover(ostudy)
+            c = count_trials(ostudy)
+            if c.done >= self.n_trials:
+                return "complete"
+            if c.done + c.running >= self.n_trials:
+                return "busy"
+
+            def started(trial: optuna.Trial) -> None:
+                # the claim is recorded: let the other workers claim theirs
+                trial.set_user_attr(WORKER_ATTR, self.id)
+                lock.release()
+
+            objective = _objective(self.study, strategy, self.uri, self.workspace, self.parents[strategy],
+                                   on_start=started, worker=self.name or self.id)
+            ostudy.optimize(objective, n_trials=1, gc_after_trial=True,
+                            callbacks=[_Progress(strategy, self.n_trials, self.echo)])
+        return "ran"
+
+    def _finish(self, strategy: str) -> None:
+        """The study has its trials: summarise them on the parent run and close it (once)."""
+        from harness.tracking import MlflowTracker
+        run_id = self.parents[strategy]
+        with self._lock(strategy):
+            if _run_status(self.client, run_id) == "FINISHED":
+                return
+            tracker = MlflowTracker(self.client, run_id)
+            try:
+                summarize_parent(self.study, strategy, self.ostudies[strategy], tracker)
+            finally:
+                tracker.close()
+            self.client.set_terminated(run_id, status="FINISHED")
+
+    def _abandon(self, error: BaseException) -> None:
+        """Leaving early: a parent run with no trial running anywhere ends KILLED (Ctrl-C)
+        or FAILED, so the UI shows no sweep as running that is not."""
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        for s, ostudy in self.ostudies.items():
+            try:
+                c = count_trials(ostudy)
+                if c.done < self.n_trials and c.running == 0 and _run_status(self.client, self.parents[s]) == "RUNNING":
+                    self.client.set_tag(self.parents[s], "harness.reason",
+                                        f"stopped at {c.done}/{self.n_trials} trials ({status.lower()})")
+                    self.client.set_terminated(self.parents[s], status=status)
+            except Exception:
+                pass   # the original error matters more
+
+    # --- lost trials -------------------------------------------------------------------------
+    def _recover(self, ostudy: optuna.Study) -> None:
+        """Fail the trials whose worker is gone (caller holds the lock)."""
+        if self.kind == "postgresql":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(ostudy)   # calls _on_stale for each
+            return
+        for t in ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            wid = t.user_attrs.get(WORKER_ATTR)
+            # under the lock, a claimed trial always names its worker: one without died claiming
+            if wid is not None and alive(wid) is not False:
+                continue
+            try:
+                self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+            self._on_stale(ostudy, t, f"its worker ({wid or 'unknown'}) died")
+
+    def _on_stale(self, ostudy: optuna.Study, trial: optuna.trial.FrozenTrial,
+                  reason: str = "its worker stopped sending heartbeats") -> None:
+        """A lost trial (already FAIL): close its MLflow run as FAILED and queue it again."""
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        try:
+            if run_id and _run_status(self.client, run_id) == "RUNNING":
+                self.client.set_tag(run_id, "harness.reason", f"lost: {reason}")
+                self.client.set_terminated(run_id, status="FAILED")
+        except Exception:
+            pass   # the tracking server may be down; the trial is still re-run
+        again = requeue(ostudy, trial)
+        strategy = ostudy.study_name.rsplit("/", 1)[-1]
+        self.echo(f"[{strategy}] trial {trial.number} was lost ({reason}); "
+                  + ("queued again" if again else f"not retried: lost {RETRIES + 1} times"))
+
+    def _requeue_errored(self, ostudy: optuna.Study) -> None:
+        """Trials that crashed or were interrupted in an earlier run: queue them again."""
+        trials = ostudy.get_trials(deepcopy=False)
+        retried = {n for t in trials for n in t.user_attrs.get("retry_history", [])}
+        for t in trials:
+            if (t.state == TrialState.FAIL and "failure" not in t.user_attrs
+                    and t.number not in retried):
+                requeue(ostudy, t)
+
+
+def _run_status(client, run_id: str | None) -> str | None:
+    """The run's status; None when there is no such run (any other error is raised)."""
+    from mlflow.exceptions import MlflowException
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id).info.status
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise

@@ -1,0 +1,28 @@
+"""Security defaults: YAML cannot run code, worker command lines carry no password."""
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from harness.cli import main
+from harness.launch import worker_argv
+from harness.study import load_study
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_yaml_cannot_construct_python_objects(tmp_path, command):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.yaml"
+    path.write_text(f'name: !!python/object/apply:os.system ["touch {marker}"]\n')
+    res = CliRunner().invoke(main, [command, str(path), "--workspace", str(tmp_path / "ws")])
+    assert res.exit_code == 2
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and str(path) in res.stderr
+    assert not marker.exists()
+
+
+def test_worker_command_lines_carry_no_store_url(tmp_path, monkeypatch):
+    """`ps` shows command lines to every user: the stores go to workers in their environment."""
+    from test_workers import tiny_study
+    study = load_study(tiny_study(tmp_path / "s.yaml", "sec", trials=1))
+    argv = worker_argv(study, tmp_path / "ws", ["naive"], 1, 30)
+    assert not any("://" in a or "journal" in a for a in argv), argv

@@ -1,0 +1,389 @@
+"""Workers: the plan of GPUs and threads, the study lock, dead workers, and crashes for real.
+
+The crash tests run `harness` in subprocesses, SIGKILL or Ctrl-C them in the middle of a
+trial, and check both stores afterwards: the journal file (one machine) and PostgreSQL with
+heartbeats and a real `mlflow server` (many machines).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from conftest import needs_fashion
+from harness import storage as st
+from harness.errors import HarnessError
+from harness.launch import plan
+from harness.worker import RETRIES, alive, requeue, worker_id
+
+S = optuna.trial.TrialState
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+# --- the plan: which worker gets which GPU and how many threads ------------------------------
+
+@pytest.mark.parametrize("workers, gpus, per_gpu, cpus, expected", [
+    (None, [], 1, 2, [{"OMP_NUM_THREADS": "2"}]),                                   # CPU: one worker
+    (2, [], 1, 2, [{"OMP_NUM_THREADS": "1"}] * 2),                                  # cores shared
+    (4, [], 1, 2, [{"OMP_NUM_THREADS": "1"}] * 4),
+    (None, ["0", "1"], 1, 16, [{"CUDA_VISIBLE_DEVICES": "0", "OMP_NUM_THREADS": "8"},
+                               {"CUDA_VISIBLE_DEVICES": "1", "OMP_NUM_THREADS": "8"}]),  # one per GPU
+    (None, ["2", "5"], 2, 16, [{"CUDA_VISIBLE_DEVICES": d, "OMP_NUM_THREADS": "4"} for d in "2525"]),
+    (3, ["0", "1"], 2, 12, [{"CUDA_VISIBLE_DEVICES": d, "OMP_NUM_THREADS": "4"} for d in "010"]),
+])
+def test_plan_spreads_workers_over_gpus_and_cores(workers, gpus, per_gpu, cpus, expected):
+    assert plan(workers, gpus, per_gpu, cpus) == expected
+
+
+def test_plan_refuses_more_workers_than_gpu_slots():
+    with pytest.raises(HarnessError, match=r"--workers: 3 workers do not fit on 1 GPU\(s\) at 2 per GPU"):
+        plan(3, ["0"], 2, 8)
+
+
+# --- storage specs -------------------------------------------------------------------------------
+
+def test_storage_resolves_option_then_env_then_workspace_journal(tmp_path, monkeypatch):
+    monkeypatch.delenv("HARNESS_STORAGE", raising=False)
+    assert st.resolve(tmp_path) == str(tmp_path.resolve() / "optuna.journal")
+    (tmp_path / "optuna.db").touch()                 # an older sweep's SQLite file is still used
+    assert st.resolve(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'optuna.db'}"
+    (tmp_path / "optuna.journal").touch()
+    assert st.resolve(tmp_path) == str(tmp_path.resolve() / "optuna.journal")
+    monkeypatch.setenv("HARNESS_STORAGE", "postgresql://u@h/db")
+    assert st.resolve(tmp_path) == "postgresql://u@h/db"
+    assert st.resolve(tmp_path, "rel.journal") == str(Path("rel.journal").resolve())
+
+
+@pytest.mark.parametrize("spec, kind", [("/x/y.journal", "journal"), ("sqlite:////x.db", "sqlite"),
+                                        ("postgresql://u@h/d", "postgresql"), ("postgres://u@h/d", "postgresql"),
+                                        ("postgresql+psycopg://u@h/d", "postgresql")])
+def test_storage_kinds(spec, kind):
+    assert st.kind(spec) == kind
+
+
+def test_storage_check_refuses_what_cannot_work_and_writes_nothing(tmp_path):
+    with pytest.raises(HarnessError, match="--storage: unsupported scheme 'mysql'"):
+        st.kind("mysql://root:pw@h/db")
+    with pytest.raises(HarnessError, match="SQLite is not safe for 2 workers"):
+        st.check(f"sqlite:///{tmp_path}/o.db", workers=2)
+    with pytest.raises(HarnessError, match="folder .*nope does not exist"):
+        st.check(str(tmp_path / "nope" / "o.journal"))
+    with pytest.raises(HarnessError) as e:
+        st.check("postgresql://postgres:hunter2@127.0.0.1:1/db")
+    assert str(e.value).startswith("--storage: cannot reach postgresql://postgres:***@127.0.0.1:1/db (")
+    assert "hunter2" not in str(e.value)
+    st.check(str(tmp_path / "o.journal"), workers=4)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_storage_check_reaches_postgres(pg_url):
+    st.check(pg_url, workers=8)
+    with pytest.raises(HarnessError, match='database "no_such_db_here" does not exist'):
+        st.check(pg_url.rsplit("/", 1)[0] + "/no_such_db_here")
+
+
+# --- the study lock ------------------------------------------------------------------------------
+
+def _assert_exclusive(make_lock) -> None:
+    """A second holder waits until the first releases."""
+    first = make_lock().acquire()
+    got = threading.Event()
+
+    def second():
+        with make_lock():
+            got.set()
+
+    t = threading.Thread(target=second, daemon=True)
+    t.start()
+    assert not got.wait(0.5), "the lock was taken twice"
+    first.release()
+    assert got.wait(10), "the lock was not handed over"
+    t.join(5)
+
+
+def test_study_lock_on_a_journal_file_is_exclusive(tmp_path):
+    _assert_exclusive(lambda: st.StudyLock(str(tmp_path / "o.journal"), "s/naive"))
+
+
+def test_study_lock_on_postgres_is_exclusive_per_study(pg_url):
+    _assert_exclusive(lambda: st.StudyLock(pg_url, "s/naive"))
+    with st.StudyLock(pg_url, "s/naive"), st.StudyLock(pg_url, "s/head_only"):
+        pass   # another study's lock is independent
+
+
+def test_a_dead_processs_lock_is_released(tmp_path):
+    spec = str(tmp_path / "o.journal")
+    code = (f"from harness.storage import StudyLock; import os; StudyLock({spec!r}, 's/x').acquire(); "
+            "os.kill(os.getpid(), 9)")
+    subprocess.run([sys.executable, "-c", code], timeout=60)
+    lock = st.StudyLock(spec, "s/x")
+    done = threading.Event()
+    threading.Thread(target=lambda: (lock.acquire(), done.set()), daemon=True).start()
+    assert done.wait(5)
+    lock.release()
+
+
+# --- who is alive, and re-queuing --------------------------------------------------------------
+
+def test_alive_knows_this_hosts_processes():
+    assert alive(worker_id()) is True
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    host, _, _ = worker_id().rsplit(":", 2)
+    assert alive(f"{host}:{p.pid}:-") is False
+    me = worker_id()
+    assert alive(me.rsplit(":", 1)[0] + ":12345") is False          # a reused pid: other start time
+    assert alive("some-other-host:1:1") is None                       # can't tell: left alone
+
+
+def test_requeue_copies_params_and_gives_up_after_retries():
+    ostudy = optuna.create_study()
+    ostudy.enqueue_trial({"x": 0.25})
+    ostudy.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    failed = ostudy.trials[0]
+    for i in range(RETRIES):
+        assert requeue(ostudy, failed)
+        ostudy.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+        failed = ostudy.trials[-1]
+        assert failed.params == {"x": 0.25}
+        assert failed.user_attrs["retry_of"] == 0
+        assert failed.user_attrs["retry_history"] == list(range(i + 1))
+    assert not requeue(ostudy, failed)
+    assert len(ostudy.trials) == RETRIES + 1
+
+
+# --- crashes, for real ---------------------------------------------------------------------------
+
+def tiny_study(path: Path, name: str, trials: int, epochs: int = 2, per_class: int = 24) -> Path:
+    d = {"name": name,
+         "recipe": {"seed": 0, "device": "cpu",
+                    "data": {"dataset": "fashion-mnist", "classes": ["Sandal", "Bag"], "train_per_class": per_class,
+                             "val_fraction": 0.25, "image_size": 16, "batch_size": 8, "augment": False},
+                    "model": {"arch": "resnet18", "weights": "none", "head": "fastai"}},
+         "budget": {"epochs": epochs}, "metric": "val/accuracy", "trials": trials, "sampler": "random",
+         "pruner": "none", "strategies": {"naive": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}}}
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    return path
+
+
+class Proc:
+    """`python -m harness ...` in its own process group, output kept in a file."""
+
+    def __init__(self, args: list, log: Path, env: dict | None = None):
+        self.log = log
+        self.out = open(log, "w")
+        self.p = subprocess.Popen([sys.executable, "-m", "harness", *map(str, args)], stdout=self.out,
+                                  stderr=subprocess.STDOUT, start_new_session=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+    def wait(self, timeout: float = 600) -> int:
+        try:
+            return self.p.wait(timeout)
+        finally:
+            self.out.close()
+
+    @property
+    def text(self) -> str:
+        return self.log.read_text()
+
+
+def local_stores(ws: Path) -> tuple[str, str]:
+    """A workspace's default Optuna storage and MLflow tracking URI."""
+    return str(ws.resolve() / "optuna.journal"), f"sqlite:///{ws.resolve() / 'mlflow.db'}"
+
+
+def load(spec: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=st.open_storage(spec))
+
+
+def wait_until(predicate, timeout: float, what: str, proc: Proc | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.p.poll() is not None:
+            pytest.fail(f"{what}: the process ended first ({proc.p.returncode}):\n{proc.text[-3000:]}")
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def running_trial_of(spec: str, name: str, pid: int | None = None, after_complete: int = 0):
+    """A RUNNING trial (of process `pid`) once `after_complete` trials are complete."""
+    def find():
+        try:
+            trials = load(spec, name).get_trials(deepcopy=False)
+        except (KeyError, HarnessError):
+            return None
+        if sum(t.state == S.COMPLETE for t in trials) < after_complete:
+            return None
+        for t in trials:
+            wid = t.user_attrs.get("worker", "")
+            if t.state == S.RUNNING and "mlflow_run_id" in t.user_attrs and (pid is None or f":{pid}:" in wid):
+                return t
+        return None
+    return find
+
+
+def mlflow_runs(uri: str, experiment: str) -> list:
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], max_results=5000)
+
+
+def check_recovered(spec: str, uri: str, study: str, n: int, killed: optuna.trial.FrozenTrial,
+                    completed_before: dict[int, float], reason: str) -> None:
+    """After the crash: the killed trial FAIL and re-run with its params, its MLflow run
+    FAILED, nothing completed lost, the study at its count, every run closed."""
+    trials = load(spec, f"{study}/naive").get_trials()
+    by_number = {t.number: t for t in trials}
+    assert by_number[killed.number].state == S.FAIL
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == killed.number]
+    assert len(retry) == 1 and retry[0].state == S.COMPLETE
+    assert retry[0].params == killed.params
+    for number, value in completed_before.items():
+        assert by_number[number].state == S.COMPLETE and by_number[number].value == value
+    assert sum(t.state == S.COMPLETE for t in trials) == n
+    assert len({t.number for t in trials}) == len(trials)
+    runs = {r.info.run_id: r for r in mlflow_runs(uri, study)}
+    lost = runs[killed.user_attrs["mlflow_run_id"]]
+    assert lost.info.status == "FAILED"
+    assert lost.data.tags["harness.reason"].startswith("lost: ") and reason in lost.data.tags["harness.reason"]
+    assert all(r.info.status != "RUNNING" for r in runs.values()), \
+        [(r.info.run_name, r.info.status) for r in runs.values()]
+    parents = [r for r in runs.values() if r.data.tags.get("harness.kind") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    kids = [r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(kids) == len(trials)
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_sigkill_mid_trial_on_the_journal_then_restart(tmp_path):
+    """One machine: a worker is SIGKILLed in a trial; the restarted worker fails it (its
+    process is gone), runs it again and completes the study."""
+    study = tiny_study(tmp_path / "study.yaml", "kill-journal", trials=3)
+    ws = tmp_path / "ws"
+    spec, uri = local_stores(ws)
+    first = Proc(["worker", study, "--workspace", ws], tmp_path / "w1.log")
+    victim = wait_until(running_trial_of(spec, "kill-journal/naive", first.p.pid, after_complete=1), 240,
+                        "a running trial after a complete one", first)
+    completed = {t.number: t.value for t in load(spec, "kill-journal/naive").get_trials() if t.state == S.COMPLETE}
+    first.p.send_signal(signal.SIGKILL)
+    assert first.wait(30) == -signal.SIGKILL
+    assert load(spec, "kill-journal/naive").trials[victim.number].state == S.RUNNING   # nobody closed it
+
+    again = Proc(["worker", study, "--workspace", ws], tmp_path / "w2.log")
+    assert again.wait() == 0, again.text
+    assert f"trial {victim.number} was lost (its worker" in again.text
+    check_recovered(spec, uri, "kill-journal", 3, victim, completed, "died")
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_sweep_with_two_workers_survives_one_killed(tmp_path):
+    """`harness sweep --workers 2`: one worker is SIGKILLed mid-trial; the other notices,
+    re-runs its trial and finishes the study; the sweep reports the death and exits 1."""
+    study = tiny_study(tmp_path / "study.yaml", "kill-two", trials=4)
+    ws = tmp_path / "ws"
+    spec, uri = local_stores(ws)
+    sweep = Proc(["sweep", study, "--workspace", ws, "--workers", "2"], tmp_path / "sweep.log")
+    victim = wait_until(running_trial_of(spec, "kill-two/naive", after_complete=1), 240,
+                        "a running trial after a complete one", sweep)
+    completed = {t.number: t.value for t in load(spec, "kill-two/naive").get_trials() if t.state == S.COMPLETE}
+    pid = int(victim.user_attrs["worker"].rsplit(":", 2)[1])
+    os.kill(pid, signal.SIGKILL)
+    assert sweep.wait() == 1, sweep.text
+    assert "was killed by SIGKILL" in sweep.text
+    check_recovered(spec, uri, "kill-two", 4, victim, completed, "died")
+    workers = {r.data.tags.get("harness.worker") for r in mlflow_runs(uri, "kill-two")
+               if "optuna.trial_number" in r.data.tags}
+    assert workers == {"w1", "w2"}
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_sigkill_on_postgres_is_caught_by_heartbeat(tmp_path, pg_url, mlflow_server):
+    """Many machines: two workers on PostgreSQL and an MLflow server; one is SIGKILLed in a
+    trial. The other sees its heartbeat stop, fails the trial, re-runs it and completes the
+    study; the killed worker, started again, finds nothing left to do. The database
+    password never shows in output, params or tags."""
+    password = "s3cret-pw-123"         # trust auth: any password is accepted
+    spec = pg_url.replace("postgres@", f"postgres:{password}@")
+    env = {"HARNESS_STORAGE": spec, "MLFLOW_TRACKING_URI": mlflow_server, "HARNESS_HEARTBEAT": "1"}
+    study = tiny_study(tmp_path / "study.yaml", f"kill-pg-{tmp_path.name[-12:]}", trials=4)
+    name = yaml.safe_load(study.read_text())["name"]
+    a = Proc(["worker", study, "--workspace", tmp_path / "a", "--name", "a"], tmp_path / "a.log", env)
+    b = Proc(["worker", study, "--workspace", tmp_path / "b", "--name", "b"], tmp_path / "b.log", env)
+    victim = wait_until(running_trial_of(spec, f"{name}/naive", a.p.pid, after_complete=1), 300,
+                        "worker a running a trial after a complete one", a)
+    completed = {t.number: t.value for t in load(spec, f"{name}/naive").get_trials() if t.state == S.COMPLETE}
+    a.p.send_signal(signal.SIGKILL)
+    assert a.wait(30) == -signal.SIGKILL
+    assert b.wait() == 0, b.text
+    assert f"trial {victim.number} was lost (its worker stopped sending heartbeats); queued again" in b.text
+    a2 = Proc(["worker", study, "--workspace", tmp_path / "a", "--name", "a"], tmp_path / "a2.log", env)
+    assert a2.wait(120) == 0, a2.text
+    check_recovered(spec, mlflow_server, name, 4, victim, completed, "heartbeat")
+
+    for log in (a.text, b.text, a2.text):
+        assert password not in log
+    for r in mlflow_runs(mlflow_server, name):
+        assert not any(password in v for v in [*r.data.params.values(), *r.data.tags.values()])
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_ctrl_c_stops_the_trial_cleanly_and_the_sweep_resumes(tmp_path):
+    study = tiny_study(tmp_path / "study.yaml", "ctrl-c", trials=3)
+    ws = tmp_path / "ws"
+    spec, uri = local_stores(ws)
+    sweep = Proc(["sweep", study, "--workspace", ws], tmp_path / "sweep.log")
+    victim = wait_until(running_trial_of(spec, "ctrl-c/naive", sweep.p.pid, after_complete=1), 240,
+                        "a running trial", sweep)
+    sweep.p.send_signal(signal.SIGINT)
+    assert sweep.wait(60) == 130, sweep.text
+    assert "interrupted: stopping the running trial" in sweep.text and "Traceback" not in sweep.text
+    t = load(spec, "ctrl-c/naive").trials[victim.number]
+    assert t.state == S.FAIL and t.user_attrs["interrupted"] is True
+    runs = {r.info.run_id: r for r in mlflow_runs(uri, "ctrl-c")}
+    assert runs[victim.user_attrs["mlflow_run_id"]].info.status == "KILLED"
+    (parent,) = [r for r in runs.values() if r.data.tags.get("harness.kind") == "sweep"]
+    assert parent.info.status == "KILLED"
+
+    resumed = Proc(["sweep", study, "--workspace", ws], tmp_path / "resume.log")
+    assert resumed.wait() == 0, resumed.text
+    trials = load(spec, "ctrl-c/naive").get_trials()
+    retry = [x for x in trials if x.user_attrs.get("retry_of") == victim.number]
+    assert len(retry) == 1 and retry[0].state == S.COMPLETE and retry[0].params == victim.params
+    assert sum(x.state == S.COMPLETE for x in trials) == 3
+    assert all(r.info.status != "RUNNING" for r in mlflow_runs(uri, "ctrl-c"))
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_a_second_ctrl_c_exits_at_once(tmp_path):
+    study = tiny_study(tmp_path / "study.yaml", "ctrl-c2", trials=2, epochs=3, per_class=48)
+    ws = tmp_path / "ws"
+    spec = str(ws.resolve() / "optuna.journal")
+    sweep = Proc(["sweep", study, "--workspace", ws], tmp_path / "sweep.log")
+    wait_until(running_trial_of(spec, "ctrl-c2/naive", sweep.p.pid), 240, "a running trial", sweep)
+    sweep.p.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    sweep.p.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    assert sweep.wait(30) == 130, sweep.text
+    assert time.monotonic() - started < 5
+    assert "exiting now" in sweep.text or "interrupted" in sweep.text
+    resumed = Proc(["sweep", study, "--workspace", ws], tmp_path / "resume.log")
+    assert resumed.wait() == 0, resumed.text
+    assert sum(x.state == S.COMPLETE for x in load(spec, "ctrl-c2/naive").get_trials()) == 2

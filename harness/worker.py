@@ -259,10 +259,13 @@ class Worker:
 
     def _on_stale(self, ostudy: optuna.Study, trial: optuna.trial.FrozenTrial,
                   reason: str = "its worker stopped sending heartbeats") -> None:
-        """A lost trial (already FAIL): close its MLflow run as FAILED and queue it again."""
+        """A lost trial (already FAIL): close its MLflow run as FAILED and queue it again.
+
+        A run already FINISHED is failed too: its worker died after closing the run but before
+        Optuna recorded the value, so the study has no result from it and re-runs it."""
         run_id = trial.user_attrs.get("mlflow_run_id")
         try:
-            if run_id and _run_status(self.client, run_id) == "RUNNING":
+            if run_id and _run_status(self.client, run_id) in ("RUNNING", "FINISHED"):
                 self.client.set_tag(run_id, "harness.reason", f"lost: {reason}")
                 self.client.set_terminated(run_id, status="FAILED")
         except Exception:

@@ -160,6 +160,47 @@ def test_requeue_copies_params_and_gives_up_after_retries():
     assert len(ostudy.trials) == RETRIES + 1
 
 
+@pytest.mark.parametrize("run_status, expected", [
+    ("RUNNING", "FAILED"),     # killed in the middle of the trial
+    ("FINISHED", "FAILED"),    # killed after closing the run, before Optuna had the value
+    ("KILLED", "KILLED"),      # already closed for another reason: left as it is
+])
+def test_a_lost_trials_run_is_failed_and_its_params_queued_again(tmp_path, run_status, expected):
+    """The worker's recovery, step by step on a journal: a RUNNING trial whose worker is dead
+    ends FAIL, its MLflow run ends FAILED with the reason (even one its worker had already
+    closed FINISHED: the study never got that value), and its params are queued again."""
+    from harness.study import load_study
+    from harness.worker import Worker
+    ws = tmp_path / "ws"
+    spec, uri = local_stores(ws)
+    lines: list[str] = []
+    w = Worker(load_study(tiny_study(tmp_path / "study.yaml", "lost", trials=2)), ws, spec, uri,
+               ["naive"], n_trials=2, heartbeat=None, echo=lines.append)
+    w.prepare()
+    ostudy = w.ostudies["naive"]
+    trial = ostudy.ask()                                     # the first (queued) trial, claimed
+    trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    trial.set_user_attr("worker", f"{worker_id().rsplit(':', 2)[0]}:{dead.pid}:-")
+    exp = w.client.get_experiment_by_name("lost").experiment_id
+    run_id = w.client.create_run(exp, tags={"mlflow.parentRunId": w.parents["naive"]}).info.run_id
+    if run_status != "RUNNING":
+        w.client.set_terminated(run_id, status=run_status)
+    trial.set_user_attr("mlflow_run_id", run_id)
+
+    w._recover(ostudy)
+
+    trials = ostudy.get_trials()
+    assert trials[0].state == S.FAIL
+    assert [(t.state, t.user_attrs.get("retry_of"), t.system_attrs.get("fixed_params")) for t in trials[1:]] \
+        == [(S.WAITING, 0, trials[0].params)]
+    run = w.client.get_run(run_id)
+    assert run.info.status == expected
+    assert (run.data.tags.get("harness.reason", "").startswith("lost: its worker")) == (expected == "FAILED")
+    assert lines == [f"[naive] trial 0 was lost (its worker ({trials[0].user_attrs['worker']}) died); queued again"]
+
+
 # --- crashes, for real ---------------------------------------------------------------------------
 
 def tiny_study(path: Path, name: str, trials: int, epochs: int = 2, per_class: int = 24) -> Path:

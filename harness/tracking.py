@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -180,10 +181,17 @@ def probe_tracking(tracking_uri: str, experiment: str, workspace: str | Path) ->
     log = logging.getLogger("mlflow")
     level, log.level = log.level, logging.CRITICAL   # a refused write is logged with a traceback
     try:
-        exp_id = get_experiment_id(client, experiment, artifact_root)
-        client.set_experiment_tag(exp_id, "harness.study", experiment)
-    except Exception as e:
-        raise HarnessError(f"tracking URI {redact(tracking_uri)}: cannot write ({reason(e)})") from None
+        for attempt in range(3):
+            try:
+                exp_id = get_experiment_id(client, experiment, artifact_root)
+                client.set_experiment_tag(exp_id, "harness.study", experiment)
+                return
+            except Exception as e:
+                # workers starting together write the same new tag: all but one insert
+                # collide once (the store's upsert is a read, then an insert); try again
+                if attempt == 2:
+                    raise HarnessError(f"tracking URI {redact(tracking_uri)}: cannot write ({reason(e)})") from None
+                time.sleep(0.2 + random.random() * 0.3)
     finally:
         log.setLevel(level)
 

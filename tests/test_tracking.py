@@ -178,3 +178,35 @@ def test_default_tracking_uri_resolves_a_relative_workspace(tmp_path, monkeypatc
     uri = default_tracking_uri("rel-ws")
     assert uri == f"sqlite:///{(tmp_path / 'rel-ws').resolve() / 'mlflow.db'}"
     assert Path(uri.removeprefix("sqlite:///")).is_absolute()
+
+
+# --- probe_tracking -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("collisions, ok", [(0, True), (2, True), (3, False)])
+def test_probe_tracking_retries_a_colliding_first_write(tmp_path, uri, monkeypatch, collisions, ok):
+    """Workers starting together tag the new experiment at once and all but one collide on the
+    store's insert: the probe tries again; a store that keeps refusing is one clear error."""
+    import harness.tracking as tr
+    from harness.errors import HarnessError
+
+    real = client_for(uri)
+    refused = []
+
+    class Colliding:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def set_experiment_tag(self, *args):
+            if len(refused) < collisions:
+                refused.append(args)
+                raise RuntimeError('duplicate key value violates unique constraint "experiment_tag_pk"')
+            return real.set_experiment_tag(*args)
+
+    monkeypatch.setattr(tr, "make_client", lambda _uri: Colliding())
+    if ok:
+        tr.probe_tracking(uri, "probe", tmp_path)
+        assert real.get_experiment_by_name("probe").tags["harness.study"] == "probe"
+    else:
+        with pytest.raises(HarnessError, match=r"cannot write \(RuntimeError: duplicate key"):
+            tr.probe_tracking(uri, "probe", tmp_path)
+    assert len(refused) == collisions

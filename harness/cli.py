@@ -8,11 +8,12 @@ from pathlib import Path
 
 import click
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, lost_store
 
 
 def _fail_cleanly(fn):
-    """Turn a HarnessError into one line on stderr and exit code 2 (no traceback)."""
+    """Turn a HarnessError, a full disk or a store lost mid-run into one line on stderr and
+    exit code 2 (no traceback)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -23,12 +24,16 @@ def _fail_cleanly(fn):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        except Exception as e:
+            # the stores stay consistent: the trial that was running is failed and re-run on resume
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                click.echo(f"error: no space left on the device holding {e.filename or 'an output file'}: free some "
+                           "space, then run the same command again to resume", err=True)
+            elif cause := lost_store(e):
+                click.echo(f"error: a store stopped answering in the middle of the run ({cause}): once it is "
+                           "back, run the same command again to resume", err=True)
+            else:
                 raise
-            # the stores stay consistent: the trial that was writing is failed and re-run on resume
-            click.echo(f"error: no space left on the device holding {e.filename or 'an output file'}: free some "
-                       "space, then run the same command again to resume", err=True)
             sys.exit(2)
     return wrapper
 
@@ -88,6 +93,22 @@ def main() -> None:
     import optuna
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    _one_line_thread_errors()
+
+
+def _one_line_thread_errors() -> None:
+    """A background thread (Optuna's heartbeat) that loses its store says so in one line;
+    the main thread, which loses it too, ends the command with the error."""
+    import threading
+    default = threading.excepthook
+
+    def hook(args) -> None:
+        cause = lost_store(args.exc_value) if args.exc_value is not None else None
+        if cause is None:
+            return default(args)
+        name = args.thread.name if args.thread else "a background thread"
+        click.echo(f"warning: {'the trial heartbeat' if 'heartbeat' in name else name} stopped ({cause})", err=True)
+    threading.excepthook = hook
 
 
 @main.command()
@@ -154,8 +175,8 @@ heartbeat_opt = click.option("--heartbeat", type=click.IntRange(min=1), default=
 
 def _interruptible() -> None:
     """First Ctrl-C: stop the running trial cleanly; second: exit at once."""
-    from harness.worker import install_interrupt_handler
-    install_interrupt_handler(lambda s: click.echo(s, err=True))
+    from harness import interrupts
+    interrupts.install(lambda s: click.echo(s, err=True))
 
 
 @main.command()

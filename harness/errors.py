@@ -17,3 +17,21 @@ def reason(e: BaseException, limit: int = 300) -> str:
     cause = getattr(e, "orig", None) or e
     text = str(cause).strip()
     return redact(f"{cause.__class__.__name__}: {text.splitlines()[0] if text else ''}"[:limit])
+
+
+def lost_store(e: BaseException) -> str | None:
+    """The one-line cause when `e` is a store (database or tracking server) that stopped
+    answering in the middle of a run; None for any other error."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        kind = f"{type(e).__module__}.{type(e).__name__}"
+        if kind in _LOST or (kind == "mlflow.exceptions.MlflowException" and str(e).startswith("API request to")):
+            return reason(e)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+_LOST = {"sqlalchemy.exc.OperationalError", "sqlalchemy.exc.InterfaceError",
+         "requests.exceptions.ConnectionError", "requests.exceptions.ConnectTimeout",
+         "requests.exceptions.ReadTimeout"}

@@ -77,7 +77,7 @@ def supervise(argv: list[str], envs: list[dict[str, str]], shared_env: dict[str,
               echo: Callable[[str], None]) -> None:
     """Start one worker per environment and wait for them all. The stores are passed in
     the environment, never on a command line (`ps` would show a password)."""
-    from harness.worker import _on_second_interrupt
+    from harness import interrupts
 
     procs: dict[str, subprocess.Popen] = {}
     for i, env in enumerate(envs):
@@ -93,7 +93,7 @@ def supervise(argv: list[str], envs: list[dict[str, str]], shared_env: dict[str,
                 except ProcessLookupError:
                     pass
 
-    _on_second_interrupt.append(lambda: forward(signal.SIGINT))   # their second Ctrl-C: out at once
+    interrupts.on_second.append(lambda: forward(signal.SIGINT))   # their second Ctrl-C: out at once
     failed: dict[str, int] = {}
     try:
         while any(p.poll() is None for p in procs.values()) or len(failed) < _count_failed(procs):

@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -124,7 +125,9 @@ def _open_storage(spec: str, heartbeat: int | None, on_stale) -> optuna.storages
             return optuna.storages.RDBStorage(_driver(spec), **extra)
         # the first opening creates Optuna's schema: workers starting together on an empty
         # database would race to create the same tables
-        with StudyLock(spec, "harness:optuna-schema"):
+        with StudyLock(spec, "harness:optuna-schema"), warnings.catch_warnings():
+            # the heartbeat is "experimental" to Optuna, and relied on here: no warning per worker
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(_driver(spec), **extra)
     except Exception as e:
         raise HarnessError(f"--storage: cannot open {redact(spec)} ({reason(e)})") from None

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from harness import data as data_mod
+from harness import interrupts
 from harness.errors import HarnessError
 from harness.models import TransferModel, build_model, param_groups, set_trainable
 from harness.recipe import Recipe, Stage
@@ -193,6 +194,7 @@ def fine_tune(recipe: Recipe, tracker: Tracker | None = None,
             for _ in range(stage.epochs):
                 t0, first_step, losses = time.perf_counter(), step, []
                 for i, (x, y) in enumerate(data_mod.train_batches(train_split, bs, gen, recipe.data.augment)):
+                    interrupts.checkpoint()
                     s = step - result.stage_starts[-1]
                     mom = one_cycle_mom(s, T, stage.pct_start, stage.moms)
                     for pg in opt.param_groups:

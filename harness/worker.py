@@ -13,7 +13,6 @@ parameters are queued again (at most RETRIES times).
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import time
 import warnings
@@ -23,6 +22,7 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import TrialState
 
+from harness import interrupts
 from harness import storage as st
 from harness.study import Study
 from harness.sweep import PARENT_ATTR, _objective, _Progress, count_trials, make_pruner, make_sampler, summarize_parent
@@ -72,29 +72,6 @@ def requeue(ostudy: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         state=TrialState.WAITING, system_attrs={"fixed_params": params},
         user_attrs={"retry_of": history[0], "retry_history": history}))
     return True
-
-
-# --- Ctrl-C: the first one stops cleanly, the second one at once ---------------------------
-_on_second_interrupt: list[Callable[[], None]] = []
-
-
-def install_interrupt_handler(echo: Callable[[str], None]) -> None:
-    def second(signum, frame):
-        for hook in _on_second_interrupt:
-            try:
-                hook()
-            except Exception:
-                pass
-        os.write(2, b"interrupted again: exiting now\n")
-        os._exit(130)
-
-    def first(signum, frame):
-        signal.signal(signal.SIGINT, second)
-        echo("interrupted: stopping the running trial and closing the stores (Ctrl-C again to quit at once)")
-        raise KeyboardInterrupt
-
-    _on_second_interrupt.clear()
-    signal.signal(signal.SIGINT, first)
 
 
 class Worker:
@@ -165,18 +142,19 @@ class Worker:
     # --- working -----------------------------------------------------------------------------
     def run(self) -> None:
         try:
-            waiting = [s for s in self.strategies if self._drain(s) == "busy"]
-            told: set[str] = set()
-            while waiting:
-                for s in list(waiting):
-                    if self._drain(s) == "complete":
-                        waiting.remove(s)
-                    elif s not in told:
-                        told.add(s)
-                        self.echo(f"[{s}] waiting for the trials running in other workers "
-                                  "(a lost one is run again here)")
-                if waiting:
-                    time.sleep(POLL_S)
+            with interrupts.deferred():   # Ctrl-C is raised between batches and trials
+                waiting = [s for s in self.strategies if self._drain(s) == "busy"]
+                told: set[str] = set()
+                while waiting:
+                    for s in list(waiting):
+                        if self._drain(s) == "complete":
+                            waiting.remove(s)
+                        elif s not in told:
+                            told.add(s)
+                            self.echo(f"[{s}] waiting for the trials running in other workers "
+                                      "(a lost one is run again here)")
+                    if waiting:
+                        time.sleep(POLL_S)
         except BaseException as e:
             self._abandon(e)
             raise
@@ -190,6 +168,7 @@ class Worker:
         return state
 
     def _claim(self, strategy: str) -> str:
+        interrupts.checkpoint()
         ostudy = self.ostudies[strategy]
         with self._lock(strategy) as lock:
             self._recover(ostudy)

@@ -34,6 +34,16 @@ def pg_database() -> Iterator[str]:
             con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def pg_outage(url: str, on: bool) -> None:
+    """Cut database `url` off (no new connections, the open ones ended) or let it back."""
+    import psycopg
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(PG_ADMIN, autocommit=True) as con:
+        con.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {"false" if on else "true"}')
+        if on:
+            con.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,7 +90,9 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
 
 
 @contextmanager
-def compose_mlflow_server(artifacts: Path) -> Iterator[str]:
+def compose_mlflow_server(artifacts: Path, started: list | None = None) -> Iterator[str]:
+    """docker/compose.yaml's `mlflow server` on loopback: its URI. Its process is appended to
+    `started` (to stop it early)."""
     port = free_port()
     with pg_database() as db:
         argv, env = compose_service("mlflow", {"MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port),
@@ -94,6 +106,8 @@ def compose_mlflow_server(artifacts: Path) -> Iterator[str]:
         bin_dir = str(Path(sys.executable).parent)
         proc = subprocess.Popen(argv, env={**os.environ, **env, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        if started is not None:
+            started.append(proc)
         try:
             wait_http(f"http://127.0.0.1:{port}/health", 180, proc)
             yield f"http://127.0.0.1:{port}"

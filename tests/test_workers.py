@@ -6,6 +6,7 @@ heartbeats and a real `mlflow server` (many machines).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -109,6 +110,32 @@ def _assert_exclusive(make_lock) -> None:
     t.join(5)
 
 
+def test_lost_store_names_a_store_that_stopped_answering_and_nothing_else():
+    import requests
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+
+    from harness.errors import lost_store
+
+    def chained(outer: BaseException, inner: BaseException) -> BaseException:
+        try:
+            try:
+                raise inner
+            except BaseException:
+                raise outer
+        except BaseException as e:
+            return e
+    db = sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
+    assert lost_store(chained(optuna.exceptions.StorageInternalError("commit failed"), db)) \
+        == "Exception: server closed the connection unexpectedly"
+    rest = MlflowException("API request to http://u:pw@h:5000/api/2.0/mlflow/runs/get failed with exception boom")
+    assert lost_store(chained(rest, requests.exceptions.ConnectionError("refused"))) \
+        == "MlflowException: API request to http://u:***@h:5000/api/2.0/mlflow/runs/get failed with exception boom"
+    assert lost_store(requests.exceptions.ConnectionError("refused")) == "ConnectionError: refused"
+    assert lost_store(MlflowException("Run 'abc' not found")) is None
+    assert lost_store(chained(ValueError("bad"), KeyError("x"))) is None
+
+
 def test_study_lock_on_a_journal_file_is_exclusive(tmp_path):
     _assert_exclusive(lambda: st.StudyLock(str(tmp_path / "o.journal"), "s/naive"))
 
@@ -201,6 +228,27 @@ def test_a_lost_trials_run_is_failed_and_its_params_queued_again(tmp_path, run_s
     assert lines == [f"[naive] trial 0 was lost (its worker ({trials[0].user_attrs['worker']}) died); queued again"]
 
 
+@pytest.mark.parametrize("deferring", [False, True])
+def test_a_first_ctrl_c_while_trials_run_waits_for_a_checkpoint(deferring):
+    """Outside trials the first Ctrl-C raises at once; while they run it only marks the
+    request, and the next checkpoint (between batches or trials) raises it: a store call
+    in flight is never cut."""
+    from harness import interrupts
+    said: list[str] = []
+    interrupts.install(said.append)
+    try:
+        with interrupts.deferred() if deferring else contextlib.nullcontext():
+            with pytest.raises(KeyboardInterrupt) if not deferring else contextlib.nullcontext():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.5)                       # the handler runs here
+            assert said == ["interrupted: stopping the running trial and closing the stores "
+                            "(Ctrl-C again to quit at once)"]
+            with pytest.raises(KeyboardInterrupt):
+                interrupts.checkpoint()
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 # --- crashes, for real ---------------------------------------------------------------------------
 
 def tiny_study(path: Path, name: str, trials: int, epochs: int = 2, per_class: int = 24) -> Path:
@@ -258,7 +306,9 @@ def wait_until(predicate, timeout: float, what: str, proc: Proc | None = None):
 
 
 def running_trial_of(spec: str, name: str, pid: int | None = None, after_complete: int = 0):
-    """A RUNNING trial (of process `pid`) once `after_complete` trials are complete."""
+    """A RUNNING trial (of process `pid`) once `after_complete` trials are complete, caught
+    in its first epoch (no value reported yet), so a signal sent now lands inside the trial
+    and not after it has ended."""
     def find():
         try:
             trials = load(spec, name).get_trials(deepcopy=False)
@@ -268,7 +318,8 @@ def running_trial_of(spec: str, name: str, pid: int | None = None, after_complet
             return None
         for t in trials:
             wid = t.user_attrs.get("worker", "")
-            if t.state == S.RUNNING and "mlflow_run_id" in t.user_attrs and (pid is None or f":{pid}:" in wid):
+            if (t.state == S.RUNNING and "mlflow_run_id" in t.user_attrs and not t.intermediate_values
+                    and (pid is None or f":{pid}:" in wid)):
                 return t
         return None
     return find
@@ -380,6 +431,61 @@ def test_sigkill_on_postgres_is_caught_by_heartbeat(tmp_path, pg_url, mlflow_ser
         assert password not in log
     for r in mlflow_runs(mlflow_server, name):
         assert not any(password in v for v in [*r.data.params.values(), *r.data.tags.values()])
+
+
+def check_lost_store_then_resume(proc: Proc, study: Path, spec: str, victim: optuna.trial.FrozenTrial,
+                                 n: int, env: dict | None = None) -> None:
+    """A worker whose store stopped answering mid-trial ended with one line, exit 2; the
+    same sweep, run again once the store is back, re-runs the trial and completes."""
+    errors = [line for line in proc.text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "stopped answering in the middle of the run" in errors[0], proc.text
+    assert "Traceback" not in proc.text and "Exception in thread" not in proc.text, proc.text
+    resumed = Proc(["sweep", study, "--workspace", study.parent / "ws"], study.parent / "resume.log", env)
+    assert resumed.wait() == 0, resumed.text
+    name = yaml.safe_load(study.read_text())["name"] + "/naive"
+    trials = load(spec, name).get_trials()
+    assert trials[victim.number].state == S.FAIL
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == victim.number]
+    assert len(retry) == 1 and retry[0].state == S.COMPLETE and retry[0].params == victim.params
+    assert sum(t.state == S.COMPLETE for t in trials) == n
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_a_tracking_server_lost_mid_trial_is_one_line_and_the_sweep_resumes(tmp_path):
+    """The MLflow server stops in the middle of a trial: the worker ends with one line (no
+    traceback) and exit 2; the sweep, run again (here on the local store), completes."""
+    from services import compose_mlflow_server, stop_group
+    study = tiny_study(tmp_path / "study.yaml", "lost-server", trials=2)
+    spec, _ = local_stores(tmp_path / "ws")
+    started: list = []
+    with compose_mlflow_server(tmp_path / "mlartifacts", started) as uri:
+        w = Proc(["worker", study, "--workspace", tmp_path / "ws", "--tracking-uri", uri], tmp_path / "w.log",
+                 {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+        victim = wait_until(running_trial_of(spec, "lost-server/naive", w.p.pid), 240, "a running trial", w)
+        stop_group(started[0])
+        assert w.wait(180) == 2, w.text
+    check_lost_store_then_resume(w, study, spec, victim, 2)
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_a_database_lost_mid_trial_is_one_line_and_the_sweep_resumes(tmp_path, pg_url):
+    """PostgreSQL refuses connections in the middle of a trial (the open ones cut): the
+    worker ends with one line and exit 2; once the database is back, the sweep completes."""
+    from services import pg_outage
+    study = tiny_study(tmp_path / "study.yaml", "lost-db", trials=2)
+    env = {"HARNESS_STORAGE": pg_url, "HARNESS_HEARTBEAT": "1"}
+    w = Proc(["worker", study, "--workspace", tmp_path / "ws"], tmp_path / "w.log", env)
+    victim = wait_until(running_trial_of(pg_url, "lost-db/naive", w.p.pid), 240, "a running trial", w)
+    pg_outage(pg_url, True)
+    try:
+        assert w.wait(180) == 2, w.text
+    finally:
+        pg_outage(pg_url, False)
+    assert "warning: the trial heartbeat stopped (OperationalError" in w.text
+    assert "ExperimentalWarning" not in w.text
+    check_lost_store_then_resume(w, study, pg_url, victim, 2, env)
 
 
 @needs_fashion

@@ -164,10 +164,6 @@ class StudyLock:
             finally:
                 con.close()
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None or self._con is not None
-
     def __enter__(self) -> "StudyLock":
         return self.acquire()
 

@@ -144,10 +144,16 @@ def make_client(tracking_uri: str):
         raise HarnessError(f"tracking URI {redact(tracking_uri)}: cannot open ({reason(e)})") from None
 
 
+def local_artifact_root(tracking_uri: str, workspace: str | Path) -> Path | None:
+    """Where a local (SQLite) store's runs keep their artifacts: WORKSPACE/artifacts; None
+    for a server, which chooses."""
+    return Path(workspace) / "artifacts" if tracking_uri.startswith("sqlite:") else None
+
+
 def open_run(client, tracking_uri: str, experiment: str, run_name: str, workspace: str | Path,
              parent_run_id: str | None = None, tags: dict | None = None, resume_run_id: str | None = None):
     """Create a run (a child of `parent_run_id` when given), or reopen `resume_run_id`."""
-    artifact_root = Path(workspace) / "artifacts" if tracking_uri.startswith("sqlite:") else None
+    artifact_root = local_artifact_root(tracking_uri, workspace)
     try:
         if resume_run_id:
             client.update_run(resume_run_id, status="RUNNING")
@@ -177,7 +183,7 @@ def probe_tracking(tracking_uri: str, experiment: str, workspace: str | Path) ->
             raise HarnessError(f"tracking URI {redact(tracking_uri)}: cannot reach the server ({reason(e)})") from None
     import logging
     client = make_client(tracking_uri)
-    artifact_root = Path(workspace) / "artifacts" if tracking_uri.startswith("sqlite:") else None
+    artifact_root = local_artifact_root(tracking_uri, workspace)
     log = logging.getLogger("mlflow")
     level, log.level = log.level, logging.CRITICAL   # a refused write is logged with a traceback
     try:

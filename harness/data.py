@@ -39,7 +39,7 @@ FASHION_FILES = {
 }
 SYSTEM_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
-_CACHE_VERSION = 1  # bump when the cached dict's layout changes, so old files are ignored
+_CACHE_VERSION = 2  # bump when the cached dict's layout changes, so old files are ignored
 _TEST_SPLIT_SEED = 0  # a test split carved from train is the same for every run seed
 _RESIZE_CHUNK = 2048  # images per interpolate call: bounds the float copy's memory
 
@@ -51,6 +51,14 @@ _MEMORY_CACHE: dict[str, dict[str, Any]] = {}
 class Split:
     x: torch.Tensor  # uint8 [N, C, H, W], C = 1 or 3
     y: torch.Tensor  # int64 [N], labels 0..n_classes-1
+    size: int | None = None   # batches come out at size x size (resized per batch); None: as stored
+
+
+@dataclass(frozen=True)
+class InputStats:
+    """The mean/std per RGB channel that a model's weights expect (grey is replicated)."""
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
 
 
 @dataclass(frozen=True)
@@ -76,7 +84,9 @@ def load_dataset(cfg: Any, workspace: Path, seed: int) -> Dataset:
     - an imagefolder with its own val/ keeps it as val (train is then only capped).
     - an imagefolder without test/ gets its test split carved off the train pool first, per
       class with the same fraction rule and a fixed seed (the same for every run seed).
-    Fashion-MNIST's official train set feeds train + val; its t10k set is test.
+    Fashion-MNIST's official train set feeds train + val; its t10k set is test. It is held
+    at its native 28 px and every batch is resized on the device (`Split.size`): 60,000
+    images at 224 px would be 9 GB of uint8.
     """
     _check_cfg(cfg)
     workspace = Path(workspace)
@@ -103,7 +113,9 @@ def load_dataset(cfg: Any, workspace: Path, seed: int) -> Dataset:
         val = _subset(prepared["val_x"], prepared["val_y"], remap)
     else:
         val = Split(pool_x[val_idx], remap[pool_y[val_idx]])
-    return Dataset(train=train, val=val, test=test, class_names=[names[c] for c in chosen])
+    size = cfg.image_size
+    return Dataset(train=Split(train.x, train.y, size), val=Split(val.x, val.y, size),
+                   test=Split(test.x, test.y, size), class_names=[names[c] for c in chosen])
 
 
 def _check_cfg(cfg: Any) -> None:
@@ -203,14 +215,16 @@ def _prepared_dataset(cfg: Any, workspace: Path) -> dict[str, Any]:
     if cfg.dataset == "fashion-mnist":
         files_dir = _find_fashion(cfg.root, workspace)
         identity = f"{files_dir.resolve()}"
-        decode = partial(_decode_fashion, files_dir, cfg.image_size)
+        decode = partial(_decode_fashion, files_dir)
+        size_key = "native"
     else:
         layout, names = _scan_imagefolder(cfg.root)
         identity = f"{Path(cfg.root).resolve()}|{_fingerprint(layout)}"
         decode = partial(_decode_imagefolder, layout, names, cfg.image_size)
+        size_key = f"{cfg.image_size}px"   # images of many sizes: decoded once to one size
 
-    digest = hashlib.sha256(f"{_CACHE_VERSION}|{cfg.dataset}|{cfg.image_size}|{identity}".encode()).hexdigest()
-    key = f"{cfg.dataset}-{cfg.image_size}px-{digest[:16]}"
+    digest = hashlib.sha256(f"{_CACHE_VERSION}|{cfg.dataset}|{size_key}|{identity}".encode()).hexdigest()
+    key = f"{cfg.dataset}-{size_key}-{digest[:16]}"
     if key in _MEMORY_CACHE:
         return _MEMORY_CACHE[key]
     path = workspace / "cache" / f"{key}.pt"
@@ -303,15 +317,15 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims).copy()
 
 
-def _decode_fashion(files_dir: Path, image_size: int) -> dict[str, Any]:
-    """Read the four idx files into uint8 [N,1,S,S] images and int64 labels."""
+def _decode_fashion(files_dir: Path) -> dict[str, Any]:
+    """Read the four idx files into uint8 [N,1,28,28] images and int64 labels."""
     prepared: dict[str, Any] = {"class_names": list(CLASS_NAMES_FASHION)}
     for part in ("train", "test"):
         images = _read_idx(files_dir / FASHION_FILES[f"{part}_x"])
         labels = _read_idx(files_dir / FASHION_FILES[f"{part}_y"])
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise HarnessError(f"data.root: idx files for {part} in {files_dir} do not match")
-        prepared[f"{part}_x"] = _resize(torch.from_numpy(images).unsqueeze(1), image_size)
+        prepared[f"{part}_x"] = torch.from_numpy(images).unsqueeze(1)
         prepared[f"{part}_y"] = torch.from_numpy(labels).to(torch.int64)
     return prepared
 
@@ -436,23 +450,33 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def to_device(split: Split, device: torch.device) -> Split:
     """The same split with x (still uint8) and y on `device`."""
-    return Split(split.x.to(device), split.y.to(device))
+    return Split(split.x.to(device), split.y.to(device), split.size)
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 [B,C,H,W] -> float32 [B,3,H,W]: scaled to [0,1], ImageNet mean/std per channel."""
+def normalize(x: torch.Tensor, stats: InputStats | None = None) -> torch.Tensor:
+    """uint8 [B,C,H,W] -> float32 [B,3,H,W]: scaled to [0,1], then the weights' mean/std
+    per channel (ImageNet's by default); grey is replicated to three channels."""
     x = x.float().div_(255.0)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
-    mean, std = _mean_std(x.device)
+    stats = stats or InputStats()
+    mean, std = _mean_std(x.device, tuple(stats.mean), tuple(stats.std))
     return (x - mean) / std
 
 
 @functools.lru_cache(maxsize=None)
-def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _mean_std(device: torch.device, mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     # made once per device: a host->device copy per batch would synchronise every CUDA step
-    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
-            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1),
+            torch.tensor(std, device=device).view(1, 3, 1, 1))
+
+
+def _batch(split: Split, idx, stats: InputStats | None) -> torch.Tensor:
+    """Images `idx` of a split, resized to split.size on their device, normalised."""
+    x = split.x[idx]
+    if split.size is not None and x.shape[-2:] != (split.size, split.size):
+        x = _resize(x, split.size)
+    return normalize(x, stats)
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
@@ -462,7 +486,8 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
 
 
 def train_batches(
-    split: Split, batch_size: int, generator: torch.Generator, augment: bool
+    split: Split, batch_size: int, generator: torch.Generator, augment: bool,
+    stats: InputStats | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One shuffled epoch of full batches: (normalised float32 [B,3,H,W], int64 labels)."""
     _check_batch_size(batch_size)
@@ -470,17 +495,19 @@ def train_batches(
     order = torch.randperm(n, generator=generator, device=split.x.device)
     for step in range(n // batch_size):
         idx = order[step * batch_size:(step + 1) * batch_size]
-        images = normalize(split.x[idx])
+        images = _batch(split, idx, stats)
         if augment:
             images = _augment(images, generator)
         yield images, split.y[idx]
 
 
-def eval_batches(split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(split: Split, batch_size: int,
+                 stats: InputStats | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Every example once, in order, the last batch possibly partial; no augmentation."""
     _check_batch_size(batch_size)
     for start in range(0, len(split.y), batch_size):
-        yield normalize(split.x[start:start + batch_size]), split.y[start:start + batch_size]
+        rows = slice(start, start + batch_size)
+        yield _batch(split, rows, stats), split.y[rows]
 
 
 def _check_batch_size(batch_size: int) -> None:

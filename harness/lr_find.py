@@ -196,7 +196,7 @@ def lr_find(recipe: Recipe, workspace: str | Path = "workspace", start_lr: float
     dev, train_split, model, gen = run.device, run.train, run.model, run.generator
     bs, n_iter = recipe.data.batch_size, run.n_iter
     stage = recipe.stages[0]
-    set_trainable(model, stage.trainable_groups(len(model)), recipe.model.train_bn)
+    set_trainable(model, stage.trainable_groups(model.n_groups), recipe.model.train_bn)
     opt = make_optimizer(model, stage, recipe, dev)
     sqr_mom = recipe.optimizer.sqr_mom
 
@@ -210,7 +210,7 @@ def lr_find(recipe: Recipe, workspace: str | Path = "workspace", start_lr: float
 
     def batches():
         while True:
-            yield from data_mod.train_batches(train_split, bs, gen, recipe.data.augment)
+            yield from data_mod.train_batches(train_split, bs, gen, recipe.data.augment, model.input_stats)
 
     for i, (x, y) in zip(range(max_steps), batches()):
         lr = exp_lr(i, sched_it, start_lr, end_lr)

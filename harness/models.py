@@ -1,7 +1,12 @@
-"""torchvision architectures cut into layer groups, a fresh head, weights, freezing.
+"""Backbones cut into layer groups, a fresh head, weights, freezing.
 
-A model is a `TransferModel`: an `nn.Sequential` whose children ARE the layer groups,
-input -> output, the last one being the new head. So `model[g]` is group g.
+Two kinds of model, one contract (`LayerGroups`): `n_groups`, `group_names`,
+`group_members()` (every parameter in exactly one group, input -> output, the new head
+last), `body_state_dict()`, `input_stats` (the mean/std the weights expect).
+- torchvision archs: a `TransferModel`, an `nn.Sequential` whose children ARE the layer
+  groups, so `model[g]` is group g (fastai's splits, below).
+- `timm/<name>`: any timm architecture, grouped from its own block structure
+  (harness/timm_models.py).
 
 Splits (3 groups each; documented here because users tune per-group LRs on them):
 - resnet18/34/50 (fastai's split): early = conv1, bn1, relu, maxpool, layer1, layer2;
@@ -24,9 +29,14 @@ import torch
 import torchvision
 from torch import nn
 
+from harness.data import InputStats
 from harness.errors import HarnessError
 
-NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm)
+# fastai's norm types, plus GroupNorm/RMSNorm (timm's NF-nets, GN EfficientNets, some ViTs):
+# none of fastai's splits holds one, so the torchvision archs behave exactly as fastai's.
+NORM_TYPES = tuple(t for t in (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+                               nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if t is not None)
+TIMM_PREFIX = "timm/"
 CHECKPOINT_FORMAT = "finetune-harness-checkpoint/1"
 
 
@@ -81,11 +91,14 @@ def _head_bn(n: int) -> nn.BatchNorm1d:
     return bn
 
 
-def fastai_head(nf: int, n_classes: int) -> nn.Sequential:
-    """fastai's default head: concat-pool, BN, dropout, 512 hidden, BN, dropout, linear."""
+def fastai_head(nf: int, n_classes: int, pool: bool = True) -> nn.Sequential:
+    """fastai's default head: concat-pool, BN, dropout, 512 hidden, BN, dropout, linear.
+    `pool=False` takes `nf` pooled features (a timm ViT's pre-logits) instead of a map."""
+    n_in = 2 * nf if pool else nf
+    first = [AdaptiveConcatPool2d(), nn.Flatten()] if pool else []
     head = nn.Sequential(
-        AdaptiveConcatPool2d(), nn.Flatten(),
-        _head_bn(2 * nf), nn.Dropout(0.25), nn.Linear(2 * nf, 512, bias=False), nn.ReLU(inplace=True),
+        *first,
+        _head_bn(n_in), nn.Dropout(0.25), nn.Linear(n_in, 512, bias=False), nn.ReLU(inplace=True),
         _head_bn(512), nn.Dropout(0.5), nn.Linear(512, n_classes, bias=False))
     for m in head:
         if isinstance(m, nn.Linear):
@@ -104,17 +117,58 @@ def linear_head(nf: int, n_classes: int) -> nn.Sequential:
 HEADS = {"fastai": fastai_head, "linear": linear_head}
 
 
-class TransferModel(nn.Sequential):
-    """A body cut into layer groups plus a head; the children are the groups."""
+Member = tuple[str, nn.Parameter, bool]   # (qualified name, parameter, owned by a norm layer)
+
+
+def group_names(n: int) -> list[str]:
+    """Names of n layer groups, input -> output: early/late/head for fastai's 3."""
+    if n == 3:
+        return ["early", "late", "head"]
+    if n == 2:
+        return ["body", "head"]
+    return [f"body{g}" for g in range(1, n)] + ["head"]
+
+
+class LayerGroups:
+    """What the trainer needs of a model: its layer groups and its weights' input statistics."""
+    arch: str
+    group_names: list[str]
+    input_stats: InputStats = InputStats()   # ImageNet's, unless the weights say otherwise
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.group_names)
+
+    def group_members(self) -> list[list[Member]]:
+        raise NotImplementedError
+
+    def body_state_dict(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def group_blocks(self) -> list[list[str]]:
+        """Per group, the module (or block) names it holds, for `harness groups`."""
+        raise NotImplementedError
+
+
+class TransferModel(LayerGroups, nn.Sequential):
+    """A torchvision body cut into layer groups plus a head; the children are the groups."""
 
     def __init__(self, arch: str, groups: list[nn.Module], group_names: tuple[str, ...]):
-        super().__init__(*groups)
+        nn.Sequential.__init__(self, *groups)
         self.arch = arch
         self.group_names = list(group_names)
+
+    def group_members(self) -> list[list[Member]]:
+        return [[(f"{g}.{mn}.{pn}" if mn else f"{g}.{pn}", p, is_norm(m))
+                 for mn, m in group.named_modules() for pn, p in m.named_parameters(recurse=False)]
+                for g, group in enumerate(self)]
 
     def body_state_dict(self) -> dict[str, torch.Tensor]:
         head_prefix = f"{len(self) - 1}."
         return {k: v for k, v in self.state_dict().items() if not k.startswith(head_prefix)}
+
+    def group_blocks(self) -> list[list[str]]:
+        return [[n for n, _ in group.named_children()] for group in self]
 
 
 def _torchvision_model(arch: str, weights: str) -> nn.Module:
@@ -130,8 +184,17 @@ def _torchvision_model(arch: str, weights: str) -> nn.Module:
                            f"{cached}") from None
 
 
-def build_model(arch: str, n_classes: int, weights: str = "none", head: str = "fastai") -> TransferModel:
-    """A torchvision `arch` with `weights` (none | imagenet | checkpoint path) and a new head."""
+def build_model(arch: str, n_classes: int, weights: str = "none", head: str = "fastai",
+                groups: int = 3, image_size: int | None = None) -> LayerGroups:
+    """`arch` (torchvision name, or timm/<name>) with `weights` (none | imagenet | checkpoint
+    path), a new head for `n_classes`, cut into `groups` layer groups (timm: any number;
+    torchvision: fastai's 3). timm models are checked on `image_size` input when given."""
+    if arch.startswith(TIMM_PREFIX):
+        from harness.timm_models import build_timm
+        model = build_timm(arch, n_classes, weights, head, groups, image_size)
+        if weights not in ("none", "imagenet"):
+            load_body(model, weights)
+        return model
     family = ARCHS[arch]
     tv = _torchvision_model(arch, weights)
     groups = family.split(tv) + [HEADS[head](family.n_features(tv), n_classes)]
@@ -141,13 +204,14 @@ def build_model(arch: str, n_classes: int, weights: str = "none", head: str = "f
     return model
 
 
-def save_checkpoint(model: TransferModel, path: str | Path, meta: dict) -> None:
+def save_checkpoint(model: LayerGroups, path: str | Path, meta: dict) -> None:
     """Save the body (not the head) with its arch and `meta`, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save({"format": CHECKPOINT_FORMAT, "arch": model.arch,
                 "body": {k: v.detach().cpu() for k, v in model.body_state_dict().items()},
+                "input_stats": {"mean": list(model.input_stats.mean), "std": list(model.input_stats.std)},
                 "meta": meta}, tmp)
     os.replace(tmp, path)
 
@@ -168,8 +232,10 @@ def read_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def load_body(model: TransferModel, path: str | Path) -> dict:
-    """Load a checkpoint's body into `model` (head untouched); returns the checkpoint's meta."""
+def load_body(model: LayerGroups, path: str | Path) -> dict:
+    """Load a checkpoint's body into `model` (head untouched); returns the checkpoint's meta.
+    The model then expects the input statistics the body was trained with (ImageNet's for
+    checkpoints older than that record)."""
     ckpt = read_checkpoint(path)
     if ckpt["arch"] != model.arch:
         raise HarnessError(f"model.weights: {path} holds a {ckpt['arch']} body, "
@@ -177,10 +243,16 @@ def load_body(model: TransferModel, path: str | Path) -> dict:
     expected = model.body_state_dict()
     body = ckpt["body"]
     bad = [k for k in expected if k not in body or body[k].shape != expected[k].shape]
-    if bad or len(body) != len(expected):
+    # a timm body saved with another head may hold modules this head does not use (a
+    # ConvNeXt's head norm under the fastai head): those are left out, nothing is missing
+    extra = len(body) != len(expected) and not model.arch.startswith(TIMM_PREFIX)
+    if bad or extra:
         raise HarnessError(f"model.weights: {path} does not fit {model.arch} "
                            f"(first mismatch: {bad[0] if bad else 'extra keys'})")
-    model.load_state_dict(body, strict=False)
+    model.load_state_dict({k: body[k] for k in expected}, strict=False)
+    stats = ckpt.get("input_stats") or {}   # absent before they were recorded: ImageNet's then
+    default = InputStats()
+    model.input_stats = InputStats(tuple(stats.get("mean", default.mean)), tuple(stats.get("std", default.std)))
     return ckpt.get("meta", {})
 
 
@@ -190,37 +262,31 @@ def is_norm(m: nn.Module) -> bool:
     return isinstance(m, NORM_TYPES)
 
 
-def set_trainable(model: TransferModel, n_trainable: int, train_bn: bool = True) -> None:
+def set_trainable(model: LayerGroups, n_trainable: int, train_bn: bool = True) -> None:
     """Train the last `n_trainable` groups; earlier groups are frozen except (if train_bn)
     their normalisation layers, as fastai's freeze_to does."""
-    first = len(model) - n_trainable
-    for g, group in enumerate(model):
-        for m in group.modules():
-            direct = list(m.parameters(recurse=False))
-            train = g >= first or (train_bn and is_norm(m))
-            for p in direct:
-                p.requires_grad_(train)
+    first = model.n_groups - n_trainable
+    for g, members in enumerate(model.group_members()):
+        for _, p, norm in members:
+            p.requires_grad_(g >= first or (train_bn and norm))
 
 
-def param_groups(model: TransferModel, weight_decay: float) -> list[dict]:
+def param_groups(model: LayerGroups, weight_decay: float) -> list[dict]:
     """Two optimizer param groups per layer group: with weight decay, and without it
-    (normalisation parameters and every bias). Key `layer_group` says which group."""
+    (normalisation parameters, every bias, and what a timm model lists in
+    `no_weight_decay()`: position embeddings, class tokens). Key `layer_group` says which."""
+    skip = getattr(model, "no_decay_names", frozenset())
     out = []
-    for g, group in enumerate(model):
+    for g, members in enumerate(model.group_members()):
         decay, no_decay = [], []
-        for m in group.modules():
-            for name, p in m.named_parameters(recurse=False):
-                (no_decay if is_norm(m) or name == "bias" else decay).append(p)
+        for name, p, norm in members:
+            (no_decay if norm or name.rsplit(".", 1)[-1] == "bias" or name in skip else decay).append(p)
         out.append({"params": decay, "weight_decay": weight_decay, "layer_group": g})
         out.append({"params": no_decay, "weight_decay": 0.0, "layer_group": g})
     return [pg for pg in out if pg["params"]]
 
 
-def describe_groups(model: TransferModel) -> str:
-    """A readable dump of which modules sit in which layer group, with parameter counts."""
-    lines = []
-    for name, group in zip(model.group_names, model):
-        n = sum(p.numel() for p in group.parameters())
-        kids = ", ".join(k for k, _ in group.named_children())
-        lines.append(f"{name}: {n:,} parameters [{kids}]")
-    return "\n".join(lines)
+def describe_groups(model: LayerGroups) -> list[dict]:
+    """Per layer group: its name, the modules (or blocks) it holds, its parameter count."""
+    return [{"group": name, "modules": blocks, "parameters": sum(p.numel() for _, p, _ in members)}
+            for name, blocks, members in zip(model.group_names, model.group_blocks(), model.group_members())]

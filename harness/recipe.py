@@ -111,18 +111,35 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    arch: str = "resnet18"
+    arch: str = "resnet18"  # a torchvision arch (fastai's splits), or timm/<name> (any timm model)
     weights: str = "none"   # none | imagenet | path to a harness checkpoint
     head: Literal["fastai", "linear"] = "fastai"
     train_bn: bool = True
+    groups: Annotated[StrictInt, Field(ge=2)] = 3   # layer groups, the head included
 
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
-        from harness.models import ARCHS
+        from harness.models import ARCHS, TIMM_PREFIX
+        if v.startswith(TIMM_PREFIX):
+            from harness.timm_models import check_timm_arch
+            check_timm_arch(v)
+            return v
         if v not in ARCHS:
-            raise ValueError(f"unknown arch '{v}'{_did_you_mean(v, ARCHS)} "
-                             f"(known: {', '.join(ARCHS)})")
+            import timm
+            in_timm = timm.is_model(v.split(".", 1)[0])
+            hint = f" (did you mean '{TIMM_PREFIX}{v}'?)" if in_timm else _did_you_mean(v, ARCHS)
+            raise ValueError(f"unknown arch '{v}'{hint} "
+                             f"(known: {', '.join(ARCHS)}, or timm/<name> for any timm model)")
+        return v
+
+    @field_validator("groups")
+    @classmethod
+    def _groups_for_arch(cls, v: int, info) -> int:
+        from harness.models import TIMM_PREFIX
+        arch = info.data.get("arch")
+        if arch and not arch.startswith(TIMM_PREFIX) and v != 3:
+            raise ValueError(f"{arch} has fastai's 3-group split; use arch timm/{arch} for {v} groups")
         return v
 
 
@@ -143,8 +160,7 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _stages_fit_model(self) -> "Recipe":
-        from harness.models import ARCHS
-        n = len(ARCHS[self.model.arch].group_names)
+        n = self.model.groups
         for i, st in enumerate(self.stages):
             if st.trainable_groups(n) > n:
                 raise ValueError(f"stages[{i}].train: last {st.trainable_groups(n)} exceeds the "

@@ -84,12 +84,17 @@ def defaults(strategy: str) -> dict[str, float | int]:
             if n not in ("epochs", "n_groups") and p.default is not inspect.Parameter.empty}
 
 
-def stages_for(strategy: str, epochs: int, **params) -> list[Stage]:
-    """Stages of `strategy` for a budget of `epochs`, params by name (unknown name -> error)."""
+def stages_for(strategy: str, epochs: int, n_groups: int = 3, **params) -> list[Stage]:
+    """Stages of `strategy` for a budget of `epochs`, params by name (unknown name -> error).
+    `n_groups` (the model's layer groups) reaches the strategies that depend on it: gradual
+    unfreezes one group per stage."""
     if strategy not in STRATEGIES:
         raise HarnessError(f"strategy: unknown '{strategy}' (known: {', '.join(STRATEGIES)})")
     unknown = set(params) - set(defaults(strategy))
     if unknown:
         raise HarnessError(f"{strategy}: unknown hyperparameter '{sorted(unknown)[0]}' "
                            f"(known: {', '.join(defaults(strategy))})")
-    return STRATEGIES[strategy](epochs, **params)
+    fn = STRATEGIES[strategy]
+    if "n_groups" in inspect.signature(fn).parameters:
+        params = {**params, "n_groups": n_groups}
+    return fn(epochs, **params)

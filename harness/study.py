@@ -62,6 +62,12 @@ class Study:
     def strategies(self) -> list[str]:
         return list(self.spaces)
 
+    @property
+    def n_groups(self) -> int:
+        """The base recipe's layer groups (gradual's stage count follows them)."""
+        from harness.recipe import ModelConfig
+        return ModelConfig.model_validate(self.base.get("model") or {}).groups
+
     def baseline(self, strategy: str) -> dict[str, Any]:
         """The strategy's published defaults, clipped into this study's ranges."""
         return baseline(self.spaces[strategy], defaults(strategy))
@@ -69,7 +75,7 @@ class Study:
     def recipe_for(self, strategy: str, params: dict[str, Any], seed: int | None = None) -> Recipe:
         """The complete recipe of one trial: base + the strategy's stages for the budget."""
         all_params = {**defaults(strategy), **params}
-        stages = stages_for(strategy, self.config.budget.epochs, **all_params)
+        stages = stages_for(strategy, self.config.budget.epochs, self.n_groups, **all_params)
         d = {**self.base, "stages": [s.model_dump(mode="json") for s in stages]}
         if seed is not None:
             d["seed"] = seed
@@ -149,7 +155,7 @@ def _probe(study: Study, strategy: str) -> None:
     for name, value in candidates:
         params = enforce_order({**base, **fixed, **({name: value} if name else {})}, space)
         try:
-            stages_for(strategy, study.config.budget.epochs, **params)
+            stages_for(strategy, study.config.budget.epochs, study.n_groups, **params)
         except HarnessError as e:
             raise HarnessError(f"{study.source}: strategies.{strategy}: {e}") from None
         except (ValidationError, TypeError) as e:

@@ -242,7 +242,7 @@ def tracked_fine_tune(recipe, tracker: MlflowTracker, workspace: str | Path = "w
     A diverged run ends FAILED with its reason."""
     import torch
 
-    from harness.models import ARCHS
+    from harness.models import group_names
     from harness.report import lr_figure
     from harness.train import fine_tune, resolve_device
 
@@ -250,13 +250,15 @@ def tracked_fine_tune(recipe, tracker: MlflowTracker, workspace: str | Path = "w
     params.update(extra_params or {})
     tracker.log_params(params)
     # exact CPU replays need the same torch build and thread count: record them
-    tracker.set_tags({"layer_groups": ",".join(ARCHS[recipe.model.arch].group_names),
+    tracker.set_tags({"layer_groups": ",".join(group_names(recipe.model.groups)),
                       "runtime.torch": torch.__version__, "runtime.threads": torch.get_num_threads(),
                       "runtime.device": str(resolve_device(recipe.device))})
     tracker.log_text(recipe.to_yaml(), "recipe.yaml")
     result = fine_tune(recipe, tracker, report=report, workspace=workspace, progress=progress,
                        evaluate_test=evaluate_test)
     tracker.set_tags({"harness.status": result.status})
+    if result.input_stats is not None:   # what the inputs were normalised with (the weights' own)
+        tracker.log_params({"input.mean": list(result.input_stats.mean), "input.std": list(result.input_stats.std)})
     if result.lrs:
         import matplotlib.pyplot as plt
         fig = lr_figure(result)

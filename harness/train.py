@@ -19,7 +19,7 @@ from torch import nn
 from harness import data as data_mod
 from harness import interrupts
 from harness.errors import HarnessError
-from harness.models import TransferModel, build_model, param_groups, set_trainable
+from harness.models import LayerGroups, build_model, param_groups, set_trainable
 from harness.recipe import Recipe, Stage
 from harness.schedule import one_cycle_lr, one_cycle_mom
 
@@ -62,7 +62,8 @@ class Result:
     n_train: int = 0
     class_names: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    model: TransferModel | None = field(default=None, repr=False)
+    model: LayerGroups | None = field(default=None, repr=False)
+    input_stats: data_mod.InputStats | None = None            # the mean/std the inputs were normalised with
 
     @property
     def ok(self) -> bool:
@@ -82,25 +83,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(model: TransferModel, stage: Stage, recipe: Recipe, device: torch.device):
+def make_optimizer(model: LayerGroups, stage: Stage, recipe: Recipe, device: torch.device):
     """A fresh AdamW for one stage: fastai's Adam with decoupled weight decay."""
     opt_cfg = recipe.optimizer
     groups = param_groups(model, opt_cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=stage.peak_lrs(len(model))[-1],
+    return torch.optim.AdamW(groups, lr=stage.peak_lrs(model.n_groups)[-1],
                              betas=(stage.moms[0], opt_cfg.sqr_mom), eps=opt_cfg.eps,
                              fused=device.type == "cuda")
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, split: data_mod.Split, batch_size: int, device: torch.device):
-    """(mean loss, accuracy) on a split, read from the device once; (None, None) if empty."""
+def evaluate(model: nn.Module, split: data_mod.Split, batch_size: int, device: torch.device,
+             stats: data_mod.InputStats | None = None):
+    """(mean loss, accuracy) on a split, read from the device once; (None, None) if empty.
+    Inputs are normalised with `stats` (default: the model's own `input_stats`)."""
     n = len(split.y)
     if n == 0:
         return None, None
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    for x, y in data_mod.eval_batches(split, batch_size):
+    stats = stats or getattr(model, "input_stats", None)
+    for x, y in data_mod.eval_batches(split, batch_size, stats):
         with _autocast(device):
             out = model(_memory_format(x, device))
         loss_sum += nn.functional.cross_entropy(out.float(), y, reduction="sum")
@@ -124,7 +128,7 @@ class Prepared:
     dataset: data_mod.Dataset
     train: data_mod.Split            # on the device
     n_iter: int                      # optimizer steps per epoch
-    model: TransferModel             # on the device, in train mode
+    model: LayerGroups               # on the device, in train mode
     generator: torch.Generator       # seeded, on the device: shuffling and augmentation
 
 
@@ -141,7 +145,7 @@ def prepare(recipe: Recipe, workspace: str | Path = "workspace", device: str | N
     if n_iter == 0:
         raise HarnessError(f"data.batch_size: {bs} is larger than the training set "
                            f"({len(train_split.y)} images)")
-    model = build_model(recipe.model.arch, len(ds.class_names), recipe.model.weights, recipe.model.head)
+    model = _build(recipe, len(ds.class_names))
     model = model.to(dev, memory_format=torch.channels_last if dev.type == "cuda" else torch.contiguous_format)
     model.train()
     gen = torch.Generator(device=dev).manual_seed(recipe.seed)
@@ -159,8 +163,13 @@ def check_inputs(recipe: Recipe, workspace: str | Path = "workspace") -> None:
     n_train, bs = len(ds.train.y), recipe.data.batch_size
     if data_mod.steps_per_epoch(n_train, bs) == 0:   # as prepare() would find, after a run was opened
         raise HarnessError(f"data.batch_size: {bs} is larger than the training set ({n_train} images)")
-    if recipe.model.weights != "none":
-        build_model(recipe.model.arch, len(ds.class_names), recipe.model.weights, recipe.model.head)
+    if recipe.model.weights != "none" or recipe.model.arch.startswith("timm/"):
+        _build(recipe, len(ds.class_names))   # weights found and fitting; a timm model's groups and input size
+
+
+def _build(recipe: Recipe, n_classes: int) -> LayerGroups:
+    m = recipe.model
+    return build_model(m.arch, n_classes, m.weights, m.head, m.groups, recipe.data.image_size)
 
 
 def fine_tune(recipe: Recipe, tracker: Tracker | None = None,
@@ -176,9 +185,9 @@ def fine_tune(recipe: Recipe, tracker: Tracker | None = None,
     n_iter = run.n_iter
     val_split = data_mod.to_device(ds.val, dev)
     bs = recipe.data.batch_size
-    n_groups = len(model)
+    n_groups, input_stats = model.n_groups, model.input_stats
     result = Result(status="ok", group_names=model.group_names, n_train=len(train_split.y),
-                    class_names=list(ds.class_names), model=model)
+                    class_names=list(ds.class_names), model=model, input_stats=input_stats)
     total_steps = n_iter * recipe.epochs
     bar = _progress_bar(total_steps, progress)
     start, step, epoch = time.perf_counter(), 0, 0
@@ -193,7 +202,8 @@ def fine_tune(recipe: Recipe, tracker: Tracker | None = None,
             result.stage_starts.append(step)
             for _ in range(stage.epochs):
                 t0, first_step, losses = time.perf_counter(), step, []
-                for i, (x, y) in enumerate(data_mod.train_batches(train_split, bs, gen, recipe.data.augment)):
+                for i, (x, y) in enumerate(data_mod.train_batches(train_split, bs, gen, recipe.data.augment,
+                                                                          input_stats)):
                     interrupts.checkpoint()
                     s = step - result.stage_starts[-1]
                     mom = one_cycle_mom(s, T, stage.pct_start, stage.moms)

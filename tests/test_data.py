@@ -165,9 +165,27 @@ def test_fashion_root_with_torchvision_layout_and_resize(tmp_path, monkeypatch):
     write_fake_fashion(tmp_path / "root" / "FashionMNIST" / "raw")
     cfg = make_cfg(root=str(tmp_path / "root"), image_size=32, val_fraction=0.25)
     ds = data.load_dataset(cfg, tmp_path / "ws", seed=0)
-    assert ds.train.x.shape == (30, 1, 32, 32)  # 4 per class: 1 to val, 3 to train
+    # held at the native 28 px (60k images at 224 px would be 9 GB); batches come out at 32
+    assert ds.train.x.shape == (30, 1, 28, 28) and ds.train.size == 32  # 4 per class: 1 to val, 3 to train
     assert ds.val.y.bincount().tolist() == [1] * 10
-    assert ds.test.x.shape == (20, 1, 32, 32)
+    assert ds.test.x.shape == (20, 1, 28, 28)
+    images, _ = next(data.eval_batches(ds.test, 8))
+    assert images.shape == (8, 3, 32, 32)
+    # the per-batch resize is the one the old cache applied up front: shorter side, antialiased
+    assert torch.equal(images, data.normalize(data._resize(ds.test.x[:8], 32)))
+    batch, _ = next(data.train_batches(ds.train, 8, torch.Generator().manual_seed(0), augment=True))
+    assert batch.shape == (8, 3, 32, 32)
+
+
+def test_fashion_cache_is_one_file_for_every_image_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "SYSTEM_FASHION_DIR", tmp_path / "absent")
+    monkeypatch.setattr(data, "_MEMORY_CACHE", {})
+    write_fake_fashion(tmp_path / "root" / "FashionMNIST" / "raw")
+    for size in (32, 96, 224):
+        ds = data.load_dataset(make_cfg(root=str(tmp_path / "root"), image_size=size), tmp_path / "ws", seed=0)
+        assert ds.train.size == size and ds.train.x.shape[-1] == 28
+        assert next(data.eval_batches(ds.val, 4))[0].shape[-1] == size
+    assert len(list((tmp_path / "ws" / "cache").glob("*.pt"))) == 1
 
 
 def test_fashion_not_found_says_how_to_get_it(tmp_path, monkeypatch):

@@ -299,6 +299,27 @@ def compare(study_path, seeds, workspace, storage, tracking_uri):
     click.echo(f"saved {out}/compare.csv, compare.md, compare.png")
 
 
+@main.command()
+@click.argument("recipe_path", metavar="RECIPE.yaml")
+@workspace_opt
+@_fail_cleanly
+def groups(recipe_path, workspace):
+    """Print the model's layer groups: name, parameter count, modules (a study file: its recipe)."""
+    from harness.report import groups_table
+    from harness.train import layer_groups
+
+    click.echo(groups_table(layer_groups(_recipe_or_study_base(recipe_path), _workspace(workspace))))
+
+
+def _recipe_or_study_base(path: str):
+    from harness.recipe import Recipe, read_yaml
+    if "strategies" in read_yaml(path):   # a study: its base recipe, with a placeholder stage
+        from harness.study import load_study
+        study = load_study(path)
+        return Recipe.from_dict({**study.base, "stages": [{"epochs": 1, "lr": 1e-3}]}, source=path)
+    return Recipe.from_yaml(path)
+
+
 @main.command("lr-find")
 @click.argument("recipe_path", metavar="RECIPE.yaml")
 @click.option("-o", "--output", default=None, help="PNG plot path (default: WORKSPACE/reports/lr_find-<recipe>.png).")

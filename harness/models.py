@@ -168,7 +168,7 @@ class TransferModel(LayerGroups, nn.Sequential):
         return {k: v for k, v in self.state_dict().items() if not k.startswith(head_prefix)}
 
     def group_blocks(self) -> list[list[str]]:
-        return [[n for n, _ in group.named_children()] for group in self]
+        return [[n for n, _ in group.named_children()] for group in list(self)[:-1]] + [["head (new)"]]
 
 
 def _torchvision_model(arch: str, weights: str) -> nn.Module:

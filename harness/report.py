@@ -104,3 +104,18 @@ def compare_figure(cmp) -> plt.Figure:
             sub.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def groups_table(model) -> str:
+    """Each layer group's name, parameter count and modules, input -> output, the way timm
+    dumps a group assignment."""
+    from harness.models import describe_groups
+    rows = describe_groups(model)
+    total = sum(r["parameters"] for r in rows)
+    width = max(len(r["group"]) for r in rows + [{"group": "group"}])
+    lines = [f"{model.arch}: {len(rows)} layer groups, {total:,} parameters",
+             f"{'group':<{width}}  {'parameters':>12}  modules"]
+    for r in rows:
+        lines.append(f"{r['group']:<{width}}  {r['parameters']:>12,}  {' | '.join(r['modules'])}")
+    return "\n".join(lines)
+

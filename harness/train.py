@@ -167,9 +167,16 @@ def check_inputs(recipe: Recipe, workspace: str | Path = "workspace") -> None:
         _build(recipe, len(ds.class_names))   # weights found and fitting; a timm model's groups and input size
 
 
-def _build(recipe: Recipe, n_classes: int) -> LayerGroups:
+def _build(recipe: Recipe, n_classes: int, weights: str | None = None) -> LayerGroups:
     m = recipe.model
-    return build_model(m.arch, n_classes, m.weights, m.head, m.groups, recipe.data.image_size)
+    return build_model(m.arch, n_classes, weights or m.weights, m.head, m.groups, recipe.data.image_size)
+
+
+def layer_groups(recipe: Recipe, workspace: str | Path = "workspace") -> LayerGroups:
+    """The recipe's model as it would be cut into layer groups (random init: the structure
+    alone), with a head for the recipe's classes."""
+    ds = data_mod.load_dataset(recipe.data, Path(workspace), recipe.seed)
+    return _build(recipe, len(ds.class_names), weights="none")
 
 
 def fine_tune(recipe: Recipe, tracker: Tracker | None = None,

@@ -117,10 +117,14 @@ def _one_line_thread_errors() -> None:
 @tracking_opt
 @device_opt
 @click.option("--experiment", default="harness-train", show_default=True, help="MLflow experiment name.")
+@click.option("--save-stages", is_flag=True,
+              help="Keep the model after every stage (WORKSPACE/checkpoints/stages/, and as MLflow artifacts): "
+                   "`harness lr-find --stage K` starts from it.")
 @_fail_cleanly
-def train(recipe_path, workspace, tracking_uri, device, experiment):
+def train(recipe_path, workspace, tracking_uri, device, experiment, save_stages):
     """Fine-tune once as RECIPE.yaml says, logging the run to MLflow."""
     from harness.report import summary_table
+    from harness.stages import StagePlan, saver, stage_path
     from harness.tracking import default_tracking_uri, mlflow_run, tracked_fine_tune
     from harness.train import check_inputs
 
@@ -130,8 +134,12 @@ def train(recipe_path, workspace, tracking_uri, device, experiment):
     uri = default_tracking_uri(ws, tracking_uri)
     with mlflow_run(uri, experiment, Path(recipe_path).stem, ws,
                     tags={"harness.kind": "train"}) as tracker:
-        result = tracked_fine_tune(recipe, tracker, ws, progress=True)
+        plan = StagePlan(on_stage=saver(ws, recipe, tracker)) if save_stages else None
+        result = tracked_fine_tune(recipe, tracker, ws, progress=True, plan=plan)
     click.echo(summary_table(result))
+    for k in range(1, len(recipe.stages) + 1) if save_stages else ():
+        if stage_path(ws, recipe, k).is_file():
+            click.echo(f"stage {k} checkpoint: {stage_path(ws, recipe, k)}")
     click.echo(f"mlflow run {tracker.run_id} in experiment '{experiment}' ({uri})")
     if not result.ok:
         sys.exit(1)
@@ -322,21 +330,31 @@ def _recipe_or_study_base(path: str):
 
 @main.command("lr-find")
 @click.argument("recipe_path", metavar="RECIPE.yaml")
-@click.option("-o", "--output", default=None, help="PNG plot path (default: WORKSPACE/reports/lr_find-<recipe>.png).")
+@click.option("--stage", default="1", show_default=True,
+              help="The stage to test, counted from 1 (the stages before it are loaded from a "
+                   "`train --save-stages` checkpoint, or trained), or 'all': every stage in one picture.")
+@click.option("-o", "--output", default=None,
+              help="PNG plot path (default: WORKSPACE/reports/lr_find-<recipe>[-stageK|-stages].png).")
 @workspace_opt
 @tracking_opt
 @device_opt
 @_fail_cleanly
-def lr_find_cmd(recipe_path, output, workspace, tracking_uri, device):
-    """fastai's LR range test on the recipe's first stage: plot and suggestions."""
-    from harness.lr_find import run_lr_find
+def lr_find_cmd(recipe_path, stage, output, workspace, tracking_uri, device):
+    """fastai's LR range test on a stage of the recipe: plot and suggestions."""
+    from harness.lr_find import chosen_stages, run_lr_find
 
     recipe = _recipe(recipe_path, device)
+    stages = chosen_stages(recipe, stage)   # a bad --stage is refused before anything is written
+    which = "all" if stage == "all" else stages[0]
     ws = _workspace(workspace)
-    out = Path(output) if output else ws / "reports" / f"lr_find-{Path(recipe_path).stem}.png"
-    result = run_lr_find(recipe, ws, out, tracking_uri)
-    for name, value in result.suggestions.items():
-        click.echo(f"{name:>8}: {value:.3g}")
+    suffix = "-stages" if which == "all" else ("" if which == 1 else f"-stage{which}")
+    out = Path(output) if output else ws / "reports" / f"lr_find-{Path(recipe_path).stem}{suffix}.png"
+    results = run_lr_find(recipe, ws, out, tracking_uri, stage=which)
+    for r in results:
+        origin = {"": "", "trained": ", the stages before it trained first"}.get(r.start, f", from {r.start}")
+        click.echo(f"stage {r.stage} (trains {r.train}{origin}):")
+        for name, value in r.suggestions.items():
+            click.echo(f"{name:>8}: {value:.3g}")
     click.echo(f"plot: {out}")
 
 

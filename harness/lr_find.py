@@ -1,9 +1,13 @@
-"""fastai's LR range test (`Learner.lr_find`) for a recipe's first stage.
+"""fastai's LR range test (`Learner.lr_find`) on any stage of a recipe.
 
-A fresh model, built and frozen exactly as `fine_tune` builds it for stage 0, trains for
-up to `num_it` steps while the LR of every param group grows exponentially from
-`start_lr` to `end_lr`. The smoothed loss per step gives the curve, and three suggestions
-are read off it: valley (fastai's default), steep and minimum.
+Stage 1: a fresh model, built and frozen exactly as `fine_tune` builds it for its first
+stage. Stage K: the model as it stands after stages 1..K-1 (a stage checkpoint of the
+workspace, else those stages trained as `harness train` trains them), with the shuffling
+generator and the global RNG where stage K would find them, set trainable as stage K is:
+fastai's `load('stage-1'); unfreeze(); lr_find()`. It trains for up to `num_it` steps
+while the LR of every param group grows exponentially from `start_lr` to `end_lr`. The
+smoothed loss per step gives the curve, and three suggestions are read off it: valley
+(fastai's default), steep and minimum.
 
 How this follows fastai 2.x, and where it had to choose:
 - LR at step i (0-based) is `start_lr * (end_lr / start_lr) ** (i / num_it)` (SchedExp at
@@ -11,7 +15,9 @@ How this follows fastai 2.x, and where it had to choose:
 - beta1 is held constant. fastai builds a fresh Learner's optimizer with its Adam default
   `mom=0.9` and lr_find schedules only the LR, so the default here is `FASTAI_LR_FIND_MOM`
   (0.9), not the stage's one-cycle `moms[0]`; pass `mom=` to use another value. sqr_mom,
-  eps and weight decay come from the recipe (`harness.train.make_optimizer`).
+  eps and weight decay come from the recipe (`harness.train.make_optimizer`). Stage K > 1
+  keeps 0.9 too (fastai, in the session that ran stage K-1, would keep the last scheduled
+  beta1, about 0.95): one setting for every stage, so their curves compare.
 - `num_it` below 6 is raised to 6 (fastai's LRFinder does that), and fastai fits at most
   `num_it // steps_per_epoch + 1` epochs, so the run is capped there as well.
 - Loss smoothing: `avg = beta * avg + (1 - beta) * loss` from avg = 0, and the recorded loss
@@ -38,7 +44,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -47,6 +53,7 @@ from harness import data as data_mod
 from harness.errors import HarnessError
 from harness.models import set_trainable
 from harness.recipe import Recipe
+from harness.stages import StageCheckpoint, StagesDidNotFinish, restore, states_after
 from harness.train import _autocast, _memory_format, make_optimizer, prepare
 
 SMOOTH_BETA = 0.98          # fastai's AvgSmoothLoss
@@ -68,6 +75,9 @@ class LRFindResult:
     points: dict[str, tuple[float, float]] = field(default_factory=dict)
     num_it: int = 0
     seconds: float = 0.0
+    stage: int = 1                  # the recipe stage it ran on, counted from 1
+    train: str = "head"             # what that stage trains: head, all, last N
+    start: str = ""                 # stage > 1: the checkpoint it started from, or "trained" (no file)
 
 
 # --- the schedule and the smoothing (pure) ---------------------------------------------
@@ -168,52 +178,97 @@ def _loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(out.float(), y)
 
 
-def _check_args(start_lr: float, end_lr: float, num_it: int) -> None:
-    if not (start_lr > 0 and math.isfinite(start_lr)):
-        raise HarnessError(f"lr_find: start_lr must be a positive number, got {start_lr}")
-    if not (end_lr > start_lr and math.isfinite(end_lr)):
-        raise HarnessError(f"lr_find: end_lr must be larger than start_lr ({start_lr:g}), got {end_lr}")
-    if isinstance(num_it, bool) or not isinstance(num_it, int) or num_it < 1:
-        raise HarnessError(f"lr_find: num_it must be a positive integer, got {num_it!r}")
+@dataclass(frozen=True)
+class RangeTest:
+    """The range test's settings: fastai's lr_find arguments (mom None = fastai's 0.9)."""
+    start_lr: float = 1e-7
+    end_lr: float = 10.0
+    num_it: int = 100
+    stop_div: bool = True
+    mom: float | None = None
+
+    @property
+    def beta1(self) -> float:
+        return FASTAI_LR_FIND_MOM if self.mom is None else self.mom
+
+    def check(self) -> None:
+        start_lr, end_lr, num_it = self.start_lr, self.end_lr, self.num_it
+        if not (start_lr > 0 and math.isfinite(start_lr)):
+            raise HarnessError(f"lr_find: start_lr must be a positive number, got {start_lr}")
+        if not (end_lr > start_lr and math.isfinite(end_lr)):
+            raise HarnessError(f"lr_find: end_lr must be larger than start_lr ({start_lr:g}), got {end_lr}")
+        if isinstance(num_it, bool) or not isinstance(num_it, int) or num_it < 1:
+            raise HarnessError(f"lr_find: num_it must be a positive integer, got {num_it!r}")
+        if not 0 <= self.beta1 < 1:
+            raise HarnessError(f"lr_find: mom must be in [0, 1), got {self.beta1}")
+
+
+def check_stage(recipe: Recipe, stage: Any, option: str = "stage") -> int:
+    """A stage number of the recipe, counted from 1, or a one-line error naming `option`."""
+    n = len(recipe.stages)
+    if isinstance(stage, bool) or not isinstance(stage, int) or not 1 <= stage <= n:
+        raise HarnessError(f"{option}: {stage!r} is not a stage of the recipe (it has "
+                           f"{'stage 1' if n == 1 else f'stages 1-{n}'}, counted from 1)")
+    return stage
 
 
 def lr_find(recipe: Recipe, workspace: str | Path = "workspace", start_lr: float = 1e-7,
             end_lr: float = 10.0, num_it: int = 100, stop_div: bool = True,
             tracker: Any = None, device: str | None = None,
-            mom: float | None = None) -> LRFindResult:
-    """Run fastai's LR range test on the recipe's first stage (see the module docstring).
+            mom: float | None = None, *, stage: int = 1) -> LRFindResult:
+    """Run fastai's LR range test on the recipe's stage `stage` (see the module docstring),
+    with the model as it stands after the stages before it.
 
     `tracker` (an MlflowTracker or anything with log_steps / log_params / log_figure) gets
     the curves "lr_find/lr", "lr_find/loss" (smoothed) and "lr_find/raw_loss" per step,
     the params "suggestion.<name>", and the plot as "lr_find.png".
     """
-    _check_args(start_lr, end_lr, num_it)
-    beta1 = FASTAI_LR_FIND_MOM if mom is None else mom
-    if not 0 <= beta1 < 1:
-        raise HarnessError(f"lr_find: mom must be in [0, 1), got {beta1}")
+    test = RangeTest(start_lr, end_lr, num_it, stop_div, mom)
+    test.check()
+    check_stage(recipe, stage)
+    before = states_after(recipe, [stage - 1], workspace, device)[stage - 1]
+    result = range_test(recipe, stage, before, test, workspace, device)
+    if tracker is not None:
+        _log(tracker, result)
+    return result
+
+
+def range_test(recipe: Recipe, stage: int, before: StageCheckpoint | None, test: RangeTest,
+               workspace: str | Path = "workspace", device: str | None = None) -> LRFindResult:
+    """The range test on stage `stage` (from 1), starting from `before` (the run after the
+    stages before it; None for stage 1: a fresh model, built as fine_tune builds it)."""
     t_start = time.perf_counter()
     run = prepare(recipe, workspace, device)
-    dev, train_split, model, gen = run.device, run.train, run.model, run.generator
-    bs, n_iter = recipe.data.batch_size, run.n_iter
-    stage = recipe.stages[0]
-    set_trainable(model, stage.trainable_groups(model.n_groups), recipe.model.train_bn)
-    opt = make_optimizer(model, stage, recipe, dev)
-    sqr_mom = recipe.optimizer.sqr_mom
+    if before is not None:
+        restore(before, run)   # the model, and the generators as stage `stage` would find them
+    cfg = recipe.stages[stage - 1]
+    set_trainable(run.model, cfg.trainable_groups(run.model.n_groups), recipe.model.train_bn)
+    opt = make_optimizer(run.model, cfg, recipe, run.device)
+    lrs, raw, smooth, stopped_early = _steps(run, opt, recipe, test)
+    suggestions, points = suggest(lrs, smooth, test.num_it)
+    return LRFindResult(lrs=lrs, losses=smooth, raw_losses=raw, suggestions=suggestions,
+                        stopped_early=stopped_early, points=points, num_it=test.num_it,
+                        seconds=time.perf_counter() - t_start, stage=stage, train=_describe(cfg.train),
+                        start="" if before is None else before.source or "trained")
 
-    sched_it = max(num_it, MIN_ITERATIONS)                   # the schedule's length (fastai)
-    max_steps = min(sched_it, (num_it // n_iter + 1) * n_iter)  # fastai fits this many epochs at most
+
+def _steps(run, opt, recipe: Recipe, test: RangeTest) -> tuple[list[float], list[float], list[float], bool]:
+    """The exponential sweep: (lrs, raw losses, smoothed losses, stopped early)."""
+    dev, model, bs = run.device, run.model, recipe.data.batch_size
+    sqr_mom, beta1 = recipe.optimizer.sqr_mom, test.beta1
+    sched_it = max(test.num_it, MIN_ITERATIONS)                        # the schedule's length (fastai)
+    max_steps = min(sched_it, (test.num_it // run.n_iter + 1) * run.n_iter)  # fastai fits this many epochs at most
     lrs: list[float] = []
     raw: list[float] = []
     smooth: list[float] = []
     avg, best = 0.0, math.inf
-    stopped_early = False
 
     def batches():
         while True:
-            yield from data_mod.train_batches(train_split, bs, gen, recipe.data.augment, model.input_stats)
+            yield from data_mod.train_batches(run.train, bs, run.generator, recipe.data.augment, model.input_stats)
 
     for i, (x, y) in zip(range(max_steps), batches()):
-        lr = exp_lr(i, sched_it, start_lr, end_lr)
+        lr = exp_lr(i, sched_it, test.start_lr, test.end_lr)
         for pg in opt.param_groups:
             pg["lr"] = lr
             pg["betas"] = (beta1, sqr_mom)
@@ -231,34 +286,39 @@ def lr_find(recipe: Recipe, workspace: str | Path = "workspace", start_lr: float
         raw.append(value)
         smooth.append(smoothed)
         if not math.isfinite(value):
-            stopped_early = i + 1 < sched_it
-            break
+            return lrs, raw, smooth, i + 1 < sched_it
         best = min(best, smoothed)
-        if stop_div and smoothed > DIVERGENCE_FACTOR * best:
-            stopped_early = i + 1 < sched_it
-            break
-
-    suggestions, points = suggest(lrs, smooth, num_it)
-    result = LRFindResult(lrs=lrs, losses=smooth, raw_losses=raw, suggestions=suggestions,
-                          stopped_early=stopped_early, points=points, num_it=num_it,
-                          seconds=time.perf_counter() - t_start)
-    if tracker is not None:
-        _log(tracker, result)
-    return result
+        if test.stop_div and smoothed > DIVERGENCE_FACTOR * best:
+            return lrs, raw, smooth, i + 1 < sched_it
+    return lrs, raw, smooth, False
 
 
-def _log(tracker: Any, result: LRFindResult) -> None:
+def _describe(train: Any) -> str:
+    return train if isinstance(train, str) else f"last {train.last}"
+
+
+def _log(tracker: Any, result: LRFindResult, scope: str = "") -> None:
+    """Curves, suggestions and (unscoped) the plot; `scope` ('stage2/') keeps stages apart."""
     # only the finite prefix: a metric store need not accept NaN or inf
     n = next((k for k, v in enumerate(result.losses) if not math.isfinite(v)), len(result.losses))
-    tracker.log_steps(0, {"lr_find/lr": result.lrs[:n], "lr_find/loss": result.losses[:n],
-                          "lr_find/raw_loss": result.raw_losses[:n]})
-    params: dict[str, Any] = {f"suggestion.{k}": v for k, v in result.suggestions.items()}
-    params["lr_find.stopped_early"] = result.stopped_early
+    tracker.log_steps(0, {f"lr_find/{scope}lr": result.lrs[:n], f"lr_find/{scope}loss": result.losses[:n],
+                          f"lr_find/{scope}raw_loss": result.raw_losses[:n]})
+    p = scope.replace("/", ".")
+    params: dict[str, Any] = {f"{p}suggestion.{k}": v for k, v in result.suggestions.items()}
+    params[f"lr_find.{p}stopped_early"] = result.stopped_early
+    if not scope:
+        params["lr_find.stage"] = result.stage
+    if result.start:
+        params[f"lr_find.{p}start"] = result.start
     tracker.log_params(params)
+    if not scope:
+        _log_figure(tracker, lr_find_figure(result), "lr_find.png")
+
+
+def _log_figure(tracker: Any, fig, name: str) -> None:
     import matplotlib.pyplot as plt
-    fig = lr_find_figure(result)
     try:
-        tracker.log_figure(fig, "lr_find.png")
+        tracker.log_figure(fig, name)
     finally:
         plt.close(fig)
 
@@ -268,87 +328,114 @@ def _log(tracker: Any, result: LRFindResult) -> None:
 def lr_find_figure(result: LRFindResult, title: str = ""):
     """Smoothed loss against LR (log x), the last 5 points left out as fastai's plot does
     (when more than 10 were recorded); each suggestion a labelled point on the curve."""
-    from harness.report import plt  # sets the Agg backend
+    from harness.report import lr_find_panel, plt
 
-    n = len(result.lrs)
-    keep = n - SKIP_END if n > 2 * SKIP_END else n
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(result.lrs[:keep], result.losses[:keep], color="C0")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("loss (smoothed)")
-    colors = {"valley": "C1", "steep": "C2", "minimum": "C3"}
-    for name in SUGGESTION_NAMES:
-        if name not in result.points:
-            continue
-        x, y = result.points[name]
-        value = result.suggestions[name]
-        label = (f"minimum: {value:.2e} (lowest loss at {x:.2e})" if name == "minimum"
-                 else f"{name}: {value:.2e}")
-        ax.plot([x], [y], "o", color=colors[name], label=label, zorder=3)
-    if result.points:
-        ax.legend(loc="best")
-    suffix = ", stopped early: the loss diverged" if result.stopped_early else ""
-    ax.set_title(title or f"LR finder: {n} steps{suffix}")
+    lr_find_panel(ax, result, title)
     fig.tight_layout()
     return fig
 
 
+# --- `harness lr-find` -------------------------------------------------------------------
+
+def chosen_stages(recipe: Recipe, stage: int | str) -> list[int]:
+    """`--stage K` -> [K]; `--stage all` -> every stage of the recipe."""
+    if stage == "all":
+        return list(range(1, len(recipe.stages) + 1))
+    try:
+        k = int(stage)
+    except (TypeError, ValueError):
+        raise HarnessError(f"--stage: {stage!r} is neither a stage number nor 'all'") from None
+    return [check_stage(recipe, k, "--stage")]
+
+
 def run_lr_find(recipe: Recipe, workspace: str | Path, plot_path: str | Path,
-                tracking_uri: str | None = None, experiment: str = "harness-lr-find") -> LRFindResult:
-    """`harness lr-find`: the range test logged as one MLflow run, with the plot saved."""
-    import matplotlib.pyplot as plt
-
+                tracking_uri: str | None = None, experiment: str = "harness-lr-find",
+                stage: int | str = 1) -> list[LRFindResult]:
+    """`harness lr-find [--stage K|all]`: the range test on each chosen stage, logged as one
+    MLflow run, with the plot saved (--stage all: every stage side by side). The stages
+    before them are loaded or trained first, so a failure there records nothing."""
+    from harness.report import lr_find_stages_figure, plt
     from harness.tracking import default_tracking_uri, mlflow_run
-
     from harness.train import check_inputs
+
+    stages = chosen_stages(recipe, stage)
     check_inputs(recipe, workspace)
+    before = states_after(recipe, [k - 1 for k in stages], workspace)
     uri = default_tracking_uri(workspace, tracking_uri)
-    with mlflow_run(uri, experiment, "lr-find", workspace, tags={"harness.kind": "lr-find"}) as tracker:
+    with mlflow_run(uri, experiment, "lr-find", workspace,
+                    tags={"harness.kind": "lr-find", "lr_find.stages": stage}) as tracker:
         tracker.log_text(recipe.to_yaml(), "recipe.yaml")
-        result = lr_find(recipe, workspace, tracker=tracker)
+        results = [range_test(recipe, k, before[k - 1], RangeTest(), workspace) for k in stages]
+        if len(results) == 1:
+            _log(tracker, results[0])
+        else:
+            for r in results:
+                _log(tracker, r, f"stage{r.stage}/")
+            _log_figure(tracker, lr_find_stages_figure(results), "lr_find_stages.png")
     plot_path = Path(plot_path)
     plot_path.parent.mkdir(parents=True, exist_ok=True)
-    fig = lr_find_figure(result)
+    fig = lr_find_figure(results[0]) if len(results) == 1 else lr_find_stages_figure(results)
     fig.savefig(plot_path, dpi=110)
     plt.close(fig)
-    return result
+    return results
 
 
-# which hyperparameters the valley suggestion sets, per strategy (fastai's advice: the
-# valley LR is the LR of the stage the test ran on)
-def _centred(strategy: str, valley: float) -> dict[str, float]:
-    if strategy == "two_phase":       # stage 1 trains the head at 2 * lr_high
-        return {"lr_high": valley / 2, "lr_low": valley / 2 / 100}
-    if strategy == "discriminative":
-        return {"lr_high": valley, "lr_low": valley / 100}
-    if strategy == "lp_ft":
-        return {"lr_probe": valley}
-    return {"lr": valley}
+# --- `harness sweep --lr-find`: each hyperparameter from the stage it governs ---------------
+
+# Per strategy: (the stage a finder run tests, counted from 1; the hyperparameters its valley
+# sets). A valley is an LR for the model as it stands at that stage, so an LR is read from
+# the stage it is used in: two_phase's slice top from its unfrozen stage (run after the
+# default head stage), its bottom by the default slice ratio (/100); a head LR (head_only,
+# lp_ft's probe, gradual's first stage) from the frozen body; lp_ft's `lr` from its second stage.
+CENTRING: dict[str, list[tuple[int, Callable[[float], dict[str, float]]]]] = {
+    "naive": [(1, lambda v: {"lr": v})],
+    "head_only": [(1, lambda v: {"lr": v})],
+    "gradual": [(1, lambda v: {"lr": v})],
+    "discriminative": [(1, lambda v: {"lr_high": v, "lr_low": v / 100})],
+    "two_phase": [(2, lambda v: {"lr_high": v, "lr_low": v / 100})],
+    "lp_ft": [(1, lambda v: {"lr_probe": v}), (2, lambda v: {"lr": v})],
+}
 
 
 def centred_first_trials(study, workspace: str | Path, strategies: list[str] | None = None,
                          echo=print) -> dict[str, dict[str, Any]]:
-    """Per strategy, its default first trial with the LRs moved to the LR finder's valley
-    (on that strategy's own first stage), clipped into the study's ranges."""
+    """Per strategy, its default first trial with each LR moved to the LR finder's valley on
+    the stage that LR governs (CENTRING), clipped into the study's ranges."""
+    return {s: _centred_trial(study, s, workspace, echo) for s in strategies or study.strategies}
+
+
+def _centred_trial(study, strategy: str, workspace: str | Path, echo) -> dict[str, Any]:
     from harness.space import enforce_order
 
-    out = {}
-    for strategy in strategies or study.strategies:
-        first = study.baseline(strategy)
-        recipe = study.recipe_for(strategy, first)
-        result = lr_find(recipe, workspace)
-        valley = result.suggestions.get("valley")
+    first = study.baseline(strategy)
+    recipe, space, moved = study.recipe_for(strategy, first), study.spaces[strategy], dict(first)
+    found = False
+    for stage, sets in CENTRING.get(strategy, [(1, lambda v: {"lr": v})]):
+        valley = _valley(recipe, stage, workspace, strategy, echo)
         if valley is None:
-            echo(f"[{strategy}] lr-find found no valley; the first trial keeps the defaults")
-            out[strategy] = first
             continue
-        space = study.spaces[strategy]
-        for name, value in _centred(strategy, valley).items():
+        found = True
+        values = sets(valley)
+        echo(f"[{strategy}] lr-find valley {valley:.3g}: stage {stage} "
+             f"({_describe(recipe.stages[stage - 1].train)}) sets {', '.join(values)}")
+        for name, value in values.items():
             if name in space and space[name].kind != "fixed":
-                first[name] = space[name].clip(value)
-        first = enforce_order(first, space)
-        echo(f"[{strategy}] lr-find valley {valley:.3g}: first trial "
-             + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in first.items()))
-        out[strategy] = first
-    return out
+                moved[name] = space[name].clip(value)
+    if not found:
+        return first
+    moved = enforce_order(moved, space)
+    echo(f"[{strategy}] first trial "
+         + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in moved.items()))
+    return moved
+
+
+def _valley(recipe: Recipe, stage: int, workspace: str | Path, strategy: str, echo) -> float | None:
+    try:
+        valley = lr_find(recipe, workspace, stage=stage).suggestions.get("valley")
+    except StagesDidNotFinish as e:
+        echo(f"[{strategy}] lr-find on stage {stage}: {e}; its hyperparameters keep their defaults")
+        return None
+    if valley is None:
+        echo(f"[{strategy}] lr-find found no valley on stage {stage}; its hyperparameters keep their defaults")
+    return valley

@@ -119,3 +119,49 @@ def groups_table(model) -> str:
         lines.append(f"{r['group']:<{width}}  {r['parameters']:>12,}  {' | '.join(r['modules'])}")
     return "\n".join(lines)
 
+
+
+SUGGESTION_COLORS = {"valley": "C1", "steep": "C2", "minimum": "C3"}
+
+
+def lr_find_panel(ax, result, title: str = "") -> None:
+    """One LR-finder curve on `ax`: smoothed loss against LR (log x), the last 5 points left
+    out as fastai's plot does (when more than 10 were recorded), each suggestion a labelled point."""
+    from harness.lr_find import SKIP_END, SUGGESTION_NAMES
+
+    n = len(result.lrs)
+    keep = n - SKIP_END if n > 2 * SKIP_END else n
+    ax.plot(result.lrs[:keep], result.losses[:keep], color="C0")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss (smoothed)")
+    for name in SUGGESTION_NAMES:
+        if name not in result.points:
+            continue
+        x, y = result.points[name]
+        value = result.suggestions[name]
+        label = (f"minimum: {value:.2e} (lowest loss at {x:.2e})" if name == "minimum"
+                 else f"{name}: {value:.2e}")
+        ax.plot([x], [y], "o", color=SUGGESTION_COLORS[name], label=label, zorder=3)
+    if result.points:
+        ax.legend(loc="best")
+    suffix = ", stopped early: the loss diverged" if result.stopped_early else ""
+    ax.set_title(title or f"LR finder: {n} steps{suffix}")
+
+
+def lr_find_stages_figure(results) -> plt.Figure:
+    """Every stage's LR-finder curve side by side on one LR axis, its valley a dotted line
+    across all panels: where the unfrozen model wants its LR against the head-only stage."""
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.5), sharex=True, squeeze=False)
+    for ax, r in zip(axes[0], results):
+        early = ", stopped early" if r.stopped_early else ""
+        lr_find_panel(ax, r, f"stage {r.stage}: trains {r.train} ({len(r.lrs)} steps{early})")
+        for other in results:
+            if "valley" in other.suggestions:
+                ax.axvline(other.suggestions["valley"], color=SUGGESTION_COLORS["valley"],
+                           linestyle=":" if other is not r else "-", linewidth=0.8, alpha=0.7)
+    valleys = ", ".join(f"stage {r.stage} {r.suggestions['valley']:.2e}" for r in results if "valley" in r.suggestions)
+    fig.suptitle(f"LR finder on every stage, from the model as the stages before left it; valley: {valleys}",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig

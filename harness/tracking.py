@@ -236,10 +236,10 @@ def mlflow_run(tracking_uri: str, experiment: str, run_name: str, workspace: str
 
 def tracked_fine_tune(recipe, tracker: MlflowTracker, workspace: str | Path = "workspace",
                       report=None, progress: bool = False, extra_params: dict | None = None,
-                      evaluate_test: bool = True):
+                      evaluate_test: bool = True, *, plan=None):
     """fine_tune with everything a run records: the flattened recipe as params (plus
     `extra_params`), the layer groups tag, the recipe YAML, per-step curves and the LR plot.
-    A diverged run ends FAILED with its reason."""
+    A diverged run ends FAILED with its reason. `plan`: fine_tune's StagePlan."""
     import torch
 
     from harness.models import group_names
@@ -255,7 +255,7 @@ def tracked_fine_tune(recipe, tracker: MlflowTracker, workspace: str | Path = "w
                       "runtime.device": str(resolve_device(recipe.device))})
     tracker.log_text(recipe.to_yaml(), "recipe.yaml")
     result = fine_tune(recipe, tracker, report=report, workspace=workspace, progress=progress,
-                       evaluate_test=evaluate_test)
+                       evaluate_test=evaluate_test, plan=plan)
     tracker.set_tags({"harness.status": result.status})
     if result.input_stats is not None:   # what the inputs were normalised with (the weights' own)
         tracker.log_params({"input.mean": list(result.input_stats.mean), "input.std": list(result.input_stats.std)})

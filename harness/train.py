@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -22,6 +22,7 @@ from harness.errors import HarnessError
 from harness.models import LayerGroups, build_model, param_groups, set_trainable
 from harness.recipe import Recipe, Stage
 from harness.schedule import one_cycle_lr, one_cycle_mom
+from harness.stages import StagePlan, capture, check_prefix, restore
 
 
 class Tracker(Protocol):
@@ -68,6 +69,17 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    def history(self) -> dict:
+        """What a stage checkpoint keeps of the run so far (a continued run picks it up)."""
+        return {"epochs": [asdict(e) for e in self.epochs], "stage_starts": list(self.stage_starts),
+                "lrs": torch.tensor(self.lrs, dtype=torch.float64), "moms": torch.tensor(self.moms, dtype=torch.float64)}
+
+    def resume(self, history: dict) -> None:
+        """Continue from a stage checkpoint's history (floats kept exactly: float64 tensors)."""
+        self.epochs = [EpochStats(**e) for e in history["epochs"]]
+        self.stage_starts = list(history["stage_starts"])
+        self.lrs, self.moms = history["lrs"].tolist(), history["moms"].tolist()
 
     @property
     def val_accuracy(self) -> float | None:
@@ -182,11 +194,14 @@ def layer_groups(recipe: Recipe, workspace: str | Path = "workspace") -> LayerGr
 def fine_tune(recipe: Recipe, tracker: Tracker | None = None,
               report: Callable[[int, float | None], None] | None = None,
               workspace: str | Path = "workspace", progress: bool = False,
-              device: str | None = None, evaluate_test: bool = True) -> Result:
+              device: str | None = None, evaluate_test: bool = True, *,
+              plan: StagePlan | None = None) -> Result:
     """Run the recipe's stages; log to `tracker`; call `report(epoch, val_accuracy)` after
     every epoch (a pruner may raise from it). Returns the Result with the trained model.
-    Sweeps pass `evaluate_test=False`: the test split is never looked at while tuning."""
-    tracker = tracker or NullTracker()
+    Sweeps pass `evaluate_test=False`: the test split is never looked at while tuning.
+    `plan` continues from a stage checkpoint, stops after a stage, or keeps every stage's
+    checkpoint (harness/stages.py); a stopped run looks at no test split."""
+    tracker, plan = tracker or NullTracker(), plan or StagePlan()
     run = prepare(recipe, workspace, device)
     dev, ds, train_split, model, gen = run.device, run.dataset, run.train, run.model, run.generator
     n_iter = run.n_iter
@@ -195,12 +210,13 @@ def fine_tune(recipe: Recipe, tracker: Tracker | None = None,
     n_groups, input_stats = model.n_groups, model.input_stats
     result = Result(status="ok", group_names=model.group_names, n_train=len(train_split.y),
                     class_names=list(ds.class_names), model=model, input_stats=input_stats)
-    total_steps = n_iter * recipe.epochs
-    bar = _progress_bar(total_steps, progress)
-    start, step, epoch = time.perf_counter(), 0, 0
+    first, stop, step, epoch = _stage_range(recipe, plan, run, result)
+    bar = _progress_bar(n_iter * sum(s.epochs for s in recipe.stages[first:stop]), progress)
+    start = time.perf_counter()
 
     try:
-        for stage_idx, stage in enumerate(recipe.stages):
+        for stage_idx in range(first, stop):
+            stage = recipe.stages[stage_idx]
             set_trainable(model, stage.trainable_groups(n_groups), recipe.model.train_bn)
             opt = make_optimizer(model, stage, recipe, dev)
             heads = [next(pg for pg in opt.param_groups if pg["layer_group"] == g) for g in range(n_groups)]
@@ -251,7 +267,9 @@ def fine_tune(recipe: Recipe, tracker: Tracker | None = None,
                     report(epoch, val_acc)
             if not result.ok:
                 break
-        if result.ok and evaluate_test:
+            if plan.on_stage is not None:
+                plan.on_stage(capture(recipe, stage_idx + 1, run, (step, epoch), result.history()))
+        if result.ok and evaluate_test and stop == len(recipe.stages):
             _, result.test_accuracy = evaluate(model, data_mod.to_device(ds.test, dev), 2 * bs, dev)
             if result.test_accuracy is not None:
                 tracker.log_epoch(epoch, {"test/accuracy": result.test_accuracy})
@@ -267,6 +285,22 @@ def fine_tune(recipe: Recipe, tracker: Tracker | None = None,
         _release_memory(dev)   # here, where the failed step's frames are gone
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _stage_range(recipe: Recipe, plan: StagePlan, run: Prepared, result: Result) -> tuple[int, int, int, int]:
+    """(first stage, end stage, global step, epoch): the whole recipe, or from the plan's
+    checkpoint (restored into `run` and `result`) up to its stop."""
+    ckpt, n = plan.start, len(recipe.stages)
+    stop = n if plan.stop is None else plan.stop
+    done = 0 if ckpt is None else ckpt.stages_done
+    if not done <= stop <= n:
+        raise HarnessError(f"stages: cannot run from stage {done + 1} up to stage {stop} of a {n}-stage recipe")
+    if ckpt is None:
+        return 0, stop, 0, 0
+    check_prefix(ckpt, recipe)
+    restore(ckpt, run)
+    result.resume(ckpt.history)
+    return ckpt.stages_done, stop, ckpt.step, ckpt.epoch
 
 
 def _out_of_memory(e: Exception) -> bool:

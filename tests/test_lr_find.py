@@ -297,8 +297,11 @@ def test_no_divergence_stop_when_stop_div_is_false_and_tracking(tiny_recipe, wor
 # --- `harness sweep --lr-find`: the first trial of each strategy centred on the valley -------
 
 def test_centred_first_trials_maps_the_valley_per_strategy_and_clips(monkeypatch, tmp_path):
-    """naive/head_only take lr = valley; two_phase takes lr_high = valley/2 (its head stage
-    runs at 2*lr_high) and lr_low = lr_high/100; values are clipped into the study's ranges."""
+    """Each LR from the finder run on the stage it governs: naive/head_only take lr = the
+    stage-1 valley; two_phase takes lr_high = the valley of its unfrozen stage 2 (run after
+    the default head stage) and lr_low = lr_high/100; lp_ft takes lr_probe from stage 1 and
+    lr from stage 2. Values are clipped into the study's ranges.
+    (Updated: two_phase used to take lr_high = stage-1 valley / 2.)"""
     import yaml
 
     from harness.study import load_study
@@ -311,25 +314,29 @@ def test_centred_first_trials_maps_the_valley_per_strategy_and_clips(monkeypatch
         "strategies": {"naive": {"lr": {"low": 1e-4, "high": 1e-1, "log": True}},
                        "head_only": {"lr": {"low": 1e-2, "high": 1e-1, "log": True}},
                        "two_phase": {"lr_low": {"low": 1e-7, "high": 1e-3, "log": True},
-                                     "lr_high": {"low": 1e-4, "high": 1e-1, "log": True}}}},
+                                     "lr_high": {"low": 1e-4, "high": 1e-1, "log": True}},
+                       "lp_ft": {"lr_probe": {"low": 1e-4, "high": 1e-1, "log": True},
+                                 "lr": {"low": 1e-6, "high": 1e-2, "log": True}}}},
         sort_keys=False))
     study = load_study(study_file)
     seen = []
+    valleys = {1: 4e-3, 2: 3e-4}   # the unfrozen model wants a lower LR than the head alone
 
-    def fake_lr_find(recipe, workspace, **kw):
-        seen.append(recipe.stages[0].train)
-        return lf.LRFindResult(lrs=[], losses=[], raw_losses=[], suggestions={"valley": 4e-3},
+    def fake_lr_find(recipe, workspace, stage=1, **kw):
+        seen.append((stage, recipe.stages[stage - 1].train))
+        return lf.LRFindResult(lrs=[], losses=[], raw_losses=[], suggestions={"valley": valleys[stage]},
                                stopped_early=False)
 
     monkeypatch.setattr(lf, "lr_find", fake_lr_find)
     got = lf.centred_first_trials(study, tmp_path, echo=lambda s: None)
     assert got["naive"]["lr"] == pytest.approx(4e-3)
     assert got["head_only"]["lr"] == pytest.approx(1e-2)          # 4e-3 clipped up to the range
-    assert got["two_phase"]["lr_high"] == pytest.approx(2e-3)
-    assert got["two_phase"]["lr_low"] == pytest.approx(2e-5)
+    assert got["two_phase"]["lr_high"] == pytest.approx(3e-4)
+    assert got["two_phase"]["lr_low"] == pytest.approx(3e-6)
     assert set(got["two_phase"]) == {"lr_low", "lr_high"}           # only the searched params
-    # each strategy's finder ran on that strategy's own first stage
-    assert seen == ["all", "head", "head"]
+    assert got["lp_ft"]["lr_probe"] == pytest.approx(4e-3) and got["lp_ft"]["lr"] == pytest.approx(3e-4)
+    # each finder ran on the stage its hyperparameter governs
+    assert seen == [(1, "all"), (1, "head"), (2, "all"), (1, "head"), (2, "all")]
 
 
 @needs_fashion

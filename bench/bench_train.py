@@ -3,13 +3,15 @@
 
 (a) images/s of one harness training stage (harness.train.fine_tune) / images/s of a
     bare PyTorch loop: same model, batch, dtype, memory format, optimizer and param
-    groups, same steps, same device-resident synthetic uint8 data.   target >= 0.97
+    groups, same steps, same device-resident synthetic uint8 data, same per-batch
+    resize and normalisation (the model's input_stats).                target >= 0.97
 (b) seconds of fine_tune logging to a real MlflowTracker (SQLite store in a temp dir)
     / seconds of the same fine_tune with the NullTracker.              target <= 1.02
 
-    python bench/bench_train.py [--device cpu|cuda|auto] [--arch resnet18] [--image-size 32]
-        [--batch-size 64] [--steps-per-epoch 20] [--epochs 2] [--repeats 5] [--threads N]
-        [--json OUT]
+    python bench/bench_train.py [--device cpu|cuda|auto] [--arch resnet18 | timm/<name>]
+        [--image-size 32] [--stored-size S] [--channels 1|3] [--head fastai|linear]
+        [--groups 3] [--weights none|imagenet] [--batch-size 64] [--steps-per-epoch 20]
+        [--epochs 2] [--repeats 5] [--threads N] [--json OUT]
 
 How and why it is measured this way: bench/README.md. Only harness's public functions
 are used; the one patch is harness.data.load_dataset, swapped for the synthetic data
@@ -37,7 +39,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from harness import data as data_mod  # noqa: E402
-from harness.models import ARCHS, build_model, param_groups, set_trainable  # noqa: E402
+from harness.models import TIMM_PREFIX, build_model, param_groups, set_trainable  # noqa: E402
 from harness.recipe import Recipe  # noqa: E402
 from harness.train import NullTracker, fine_tune, resolve_device  # noqa: E402
 
@@ -49,15 +51,20 @@ TARGET_A, TARGET_B = 0.97, 1.02
 
 # ------------------------------------------------------------------ data and recipe
 
-def synthetic_dataset(n_train: int, n_eval: int, size: int, device: torch.device,
+def synthetic_dataset(n_train: int, n_eval: int, args, device: torch.device,
                       seed: int = 0) -> data_mod.Dataset:
-    """uint8 [N,3,S,S] images and random labels, already on `device` (to_device is then a no-op)."""
+    """uint8 [N,C,s,s] images (C = args.channels, s = args.stored_size) and random labels,
+    already on `device` (to_device is then a no-op). When s differs from args.image_size the
+    splits carry `size = image_size`, so every batch is resized on the device, as
+    harness.data.load_dataset does for Fashion-MNIST (held at 28 px, 1 channel)."""
     g = torch.Generator().manual_seed(seed)
+    c, stored = args.channels, args.stored_size
+    size = None if stored == args.image_size else args.image_size
 
     def split(n: int) -> data_mod.Split:
-        x = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+        x = torch.randint(0, 256, (n, c, stored, stored), generator=g, dtype=torch.uint8)
         y = torch.randint(0, N_CLASSES, (n,), generator=g)
-        return data_mod.Split(x.to(device), y.to(device))
+        return data_mod.Split(x.to(device), y.to(device), size)
 
     return data_mod.Dataset(train=split(n_train), val=split(n_eval), test=split(n_eval),
                             class_names=[f"c{i}" for i in range(N_CLASSES)])
@@ -82,7 +89,8 @@ def make_recipe(args, device: torch.device, epochs: int) -> Recipe:
         # so both sides do the same data work: randperm per epoch, gather, normalize
         "data": {"dataset": "fashion-mnist", "image_size": args.image_size,
                  "batch_size": args.batch_size, "augment": False},
-        "model": {"arch": args.arch, "weights": "none", "head": "fastai", "train_bn": True},
+        "model": {"arch": args.arch, "weights": args.weights, "head": args.head,
+                  "groups": args.groups, "train_bn": True},
         # A flat one-cycle (div = div_final = 1, equal moms): the harness still computes and
         # writes LR and beta1 into every param group at every step, but the values equal the
         # bare loop's constants, so both sides run the same numbers. (On CPU the LR value alone
@@ -99,17 +107,25 @@ def sync(device: torch.device) -> None:
 
 # ------------------------------------------------------------------ the two sides of (a)
 
-def normalizer(device: torch.device, use_harness: bool):
-    """harness.data.normalize's arithmetic with its constants made once, on the device.
+def build(recipe: Recipe):
+    """The model exactly as fine_tune builds it (harness.train._build's arguments)."""
+    m = recipe.model
+    return build_model(m.arch, N_CLASSES, m.weights, m.head, m.groups, recipe.data.image_size)
 
-    harness.data.normalize builds its mean/std with torch.tensor(..., device=x.device) on
-    every call; on CUDA that is a blocking host-to-device copy (a host sync) per batch, which
-    a bare loop would not do. `use_harness` makes the bare loop call it anyway, to isolate
-    that cost: the two runs differ only there."""
+
+def normalizer(device: torch.device, use_harness: bool, stats: data_mod.InputStats):
+    """harness.data.normalize's arithmetic with `stats` (the model's input_stats) as
+    tensors made once, on the device.
+
+    harness.data.normalize used to build its mean/std with torch.tensor(..., device=x.device)
+    on every call (now cached per device); on CUDA that is a blocking host-to-device copy (a
+    host sync) per batch, which a bare loop would not do. `use_harness` makes the bare loop
+    call harness.data.normalize itself, to isolate whatever it costs: the two runs differ
+    only there."""
     if use_harness:
-        return data_mod.normalize
-    mean = torch.tensor(data_mod.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(data_mod.IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        return lambda x: data_mod.normalize(x, stats)
+    mean = torch.tensor(stats.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(stats.std, device=device).view(1, 3, 1, 1)
 
     def normalize(x: torch.Tensor) -> torch.Tensor:
         x = x.float().div_(255.0)
@@ -117,6 +133,32 @@ def normalizer(device: torch.device, use_harness: bool):
             x = x.expand(-1, 3, -1, -1)
         return (x - mean) / std
     return normalize
+
+
+def resizer(size: int | None):
+    """uint8 [B,C,h,w] -> uint8 [B,C,size,size], the arithmetic of harness.data's per-batch
+    resize written out plainly (one batch is one interpolate call): shorter side to `size`,
+    bilinear with antialiasing on a float copy, rounded back to uint8, centre crop. The
+    identity when the images are stored at `size` already (or size is None)."""
+    def resize(x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if size is None or (h == size and w == size):
+            return x
+        scale = size / min(h, w)
+        new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+        x = nn.functional.interpolate(x.float(), size=(new_h, new_w), mode="bilinear",
+                                      antialias=True, align_corners=False)
+        x = x.round().clamp(0, 255).to(torch.uint8)
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+        return x[..., top:top + size, left:left + size].contiguous()
+    return resize
+
+
+def batch_maker(device: torch.device, use_harness_normalize: bool, stats: data_mod.InputStats,
+                size: int | None):
+    """The bare loop's per-batch data work: resize (when the split says so), then normalise."""
+    resize, normalize = resizer(size), normalizer(device, use_harness_normalize, stats)
+    return lambda x: normalize(resize(x))
 
 
 def bare_loop(split: data_mod.Split, recipe: Recipe, device: torch.device, epochs: int,
@@ -130,11 +172,11 @@ def bare_loop(split: data_mod.Split, recipe: Recipe, device: torch.device, epoch
     torch.manual_seed(recipe.seed)
     if cuda:
         torch.backends.cudnn.benchmark = True
-    model = build_model(recipe.model.arch, N_CLASSES).to(device, memory_format=fmt)
+    model = build(recipe).to(device, memory_format=fmt)
     model.train()
-    set_trainable(model, len(model), recipe.model.train_bn)   # train: all (a no-op, as in the harness)
+    set_trainable(model, model.n_groups, recipe.model.train_bn)   # train: all (a no-op, as in the harness)
     gen = torch.Generator(device=device).manual_seed(recipe.seed)
-    normalize = normalizer(device, harness_normalize)
+    make_batch = batch_maker(device, harness_normalize, model.input_stats, split.size)
     bs, n = recipe.data.batch_size, len(split.y)
     opt_cfg = recipe.optimizer
     sync(device)
@@ -145,7 +187,7 @@ def bare_loop(split: data_mod.Split, recipe: Recipe, device: torch.device, epoch
         order = torch.randperm(n, generator=gen, device=device)
         for step in range(n // bs):
             idx = order[step * bs:(step + 1) * bs]
-            x, y = normalize(split.x[idx]), split.y[idx]
+            x, y = make_batch(split.x[idx]), split.y[idx]
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -289,11 +331,11 @@ def sync_check(ds: data_mod.Dataset, recipe: Recipe, device: torch.device, works
     of building the model and copying it to the device (both sides do that once, outside the
     step loop). A harness epoch should show 1: its per-epoch loss read."""
     fmt = torch.channels_last
-    build = count_syncs(lambda: build_model(recipe.model.arch, N_CLASSES).to(device, memory_format=fmt))
+    build_syncs = count_syncs(lambda: build(recipe).to(device, memory_format=fmt))
     bare = count_syncs(lambda: bare_loop(ds.train, recipe, device, 1, args.bare_harness_normalize))
     harness = count_syncs(lambda: harness_stage(ds, recipe, workspace, args.progress))
-    return {"steps": len(ds.train.y) // recipe.data.batch_size, "model_build": build,
-            "bare": bare - build, "harness": harness - build}
+    return {"steps": len(ds.train.y) // recipe.data.batch_size, "model_build": build_syncs,
+            "bare": bare - build_syncs, "harness": harness - build_syncs}
 
 
 # ------------------------------------------------------------------ reporting
@@ -318,8 +360,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
-    p.add_argument("--arch", default="resnet18")
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--arch", default="resnet18",
+                   help="a torchvision arch of harness.models.ARCHS, or timm/<name>")
+    p.add_argument("--image-size", type=int, default=32, help="the size the model sees")
+    p.add_argument("--stored-size", type=int, default=None,
+                   help="the size the synthetic images are held at; when it differs from "
+                        "--image-size every batch is resized on the device, as Fashion-MNIST "
+                        "(28 px) is (default: 28 for timm archs, else --image-size)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="channels of the stored images (default: 1, grey as Fashion-MNIST, "
+                        "for timm archs; else 3)")
+    p.add_argument("--head", default="fastai", choices=("fastai", "linear"))
+    p.add_argument("--groups", type=int, default=3, help="layer groups, the head included")
+    p.add_argument("--weights", default="none",
+                   help="none | imagenet (both sides load the same weights)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps-per-epoch", type=int, default=20)
     p.add_argument("--epochs", type=int, default=2)
@@ -334,7 +388,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "instead of the same arithmetic with constants made once")
     p.add_argument("--skip-mlflow", action="store_true", help="measure (a) only")
     p.add_argument("--json", metavar="OUT", help="also write every measurement to this file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    timm_arch = args.arch.startswith(TIMM_PREFIX)
+    if args.stored_size is None:
+        args.stored_size = 28 if timm_arch else args.image_size
+    if args.channels is None:
+        args.channels = 1 if timm_arch else 3
+    return args
 
 
 def median(xs: list[float]) -> float:
@@ -365,22 +425,31 @@ def main(argv=None) -> int:
     print(f"device  {device_name(device)}")
     print(f"torch   {torch.__version__}   torch threads {torch.get_num_threads()}   "
           f"python {platform.python_version()}")
-    print(f"work    {args.arch} @ {args.image_size}px, batch {bs}, {spe} steps x {epochs} epochs = "
+    stored = (f"stored {args.channels}x{args.stored_size}px, resized per batch"
+              if args.stored_size != args.image_size else f"stored {args.channels}x{args.image_size}px")
+    print(f"work    {args.arch} @ {args.image_size}px ({stored}), head {args.head}, {args.groups} groups, "
+          f"weights {args.weights}, batch {bs}, {spe} steps x {epochs} epochs = "
           f"{steps} steps ({images} images) per run, "
           f"{'bf16 autocast, channels_last, fused AdamW' if cuda else 'fp32, AdamW'}, "
           f"{args.repeats} repeats", flush=True)
 
     # (a): no val/test images, so fine_tune's evaluations return at once and Result.seconds
     # covers exactly the stage: set_trainable, optimizer, steps, per-epoch loss read and log.
-    ds_a = synthetic_dataset(spe * bs, 0, args.image_size, device)
+    ds_a = synthetic_dataset(spe * bs, 0, args, device)
     # (b): a realistic run: small val/test splits (2 batches each), evaluated every epoch.
-    ds_b = synthetic_dataset(spe * bs, 2 * bs, args.image_size, device, seed=1)
-    ds_warm = synthetic_dataset(args.warmup_steps * bs, 2 * bs, args.image_size, device, seed=2)
+    ds_b = synthetic_dataset(spe * bs, 2 * bs, args, device, seed=1)
+    ds_warm = synthetic_dataset(args.warmup_steps * bs, 2 * bs, args, device, seed=2)
     recipe, warm_recipe = make_recipe(args, device, epochs), make_recipe(args, device, 1)
+    probe_model = build(recipe)
+    stats, names = probe_model.input_stats, list(probe_model.group_names)
+    del probe_model
     sample = ds_a.train.x[:4]
-    assert torch.equal(normalizer(device, False)(sample), data_mod.normalize(sample)), \
-        "the bare loop's normalize must compute exactly what harness.data.normalize does"
+    harness_batch, _ = next(data_mod.eval_batches(data_mod.Split(sample, ds_a.train.y[:4], ds_a.train.size),
+                                                  4, stats))
+    assert torch.equal(batch_maker(device, False, stats, ds_a.train.size)(sample), harness_batch), \
+        "the bare loop's resize + normalize must compute exactly what harness.data's batches hold"
     out: dict = {"device": device_name(device), "torch": torch.__version__, "load_before": load,
+                 "input_stats": {"mean": list(stats.mean), "std": list(stats.std)},
                  "torch_threads": torch.get_num_threads(), "config": vars(args),
                  "images_per_run": images}
 
@@ -440,8 +509,7 @@ def main(argv=None) -> int:
                     b[f"{kind}_cpu_s"].append(cpu)
                 print(f"  (b) repeat {r + 1}: null {b['null_s'][-1]:.2f} s   mlflow {b['mlflow_s'][-1]:.2f} s"
                       f"   end-to-end {b['end_to_end_s'][-1]:.2f} s", flush=True)
-            groups = list(ARCHS[args.arch].group_names)
-            b["logging_only_s"] = [logging_only(uri, tmp, f"logging-{r}", groups, spe, epochs)
+            b["logging_only_s"] = [logging_only(uri, tmp, f"logging-{r}", names, spe, epochs)
                                    for r in range(args.repeats)]
             ratio_b = median(b["mlflow_s"]) / median(b["null_s"])   # the headline: ratio of the medians
             b.update(ratio=ratio_b, target=TARGET_B, passed=ratio_b <= TARGET_B,

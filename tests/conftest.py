@@ -56,6 +56,22 @@ def workspace(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("workspace")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_hub(tmp_path_factory):
+    """No test reaches a model hub or reads the user's caches: empty HF and torch caches,
+    HF offline (tests that need cached weights fill a cache of their own)."""
+    import os
+    cache = tmp_path_factory.mktemp("hub-caches")
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "TORCH_HOME")}
+    os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache / "hf"), TORCH_HOME=str(cache / "torch"))
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     # deterministic, and fair to the 2-core CI machine

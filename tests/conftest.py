@@ -72,6 +72,17 @@ def _no_hub(tmp_path_factory):
             os.environ[k] = v
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test (after the 2 below): on a shared, busy 2-core machine two
+    OpenMP threads spin-wait (a tiny fine-tune measured 150 s with 2 threads, 5 s with 1);
+    exactness needs only the same count within a test. `pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     # deterministic, and fair to the 2-core CI machine

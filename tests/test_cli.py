@@ -91,6 +91,8 @@ def test_train_console_script_logs_a_complete_mlflow_run(tmp_path, workspace, tm
     expected_keys = set(my_flatten(recipe.to_dict()))
     assert expected_keys <= set(params)
     assert run.data.tags["layer_groups"] == "early,late,head"
+    # the input statistics the weights expect (torchvision, no checkpoint: ImageNet's)
+    assert params["input.mean"] == "[0.485, 0.456, 0.406]" and params["input.std"] == "[0.229, 0.224, 0.225]"
 
     # per-step curves: one global step axis across both stages
     steps_per_epoch = (2 * 24) // 8

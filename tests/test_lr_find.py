@@ -60,15 +60,7 @@ class FakeTracker:
         self.figures[name] = buf.getvalue()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Runs after conftest's 2-thread setting. These tests only check bookkeeping, and on a
-    # shared, busy 2-core machine two OpenMP threads spin-wait: a resnet18 step measured
-    # 3 s with 2 threads against 0.15 s with 1.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest.one_thread
 
 
 # --- suggestion functions on synthetic curves --------------------------------------------

@@ -31,15 +31,7 @@ from harness.train import fine_tune
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # after conftest's 2 threads: on a shared, busy 2-core machine two OpenMP threads spin-wait
-    # (a tiny fine-tune measured 150 s with 2 threads, 5 s with 1); exactness needs only the
-    # same count within a test
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest.one_thread
 
 
 def write(path: Path, d: dict) -> Path:

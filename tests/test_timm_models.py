@@ -16,6 +16,8 @@ from harness.recipe import Recipe
 from harness.timm_models import merge_blocks
 from harness.train import fine_tune
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest.one_thread
+
 # tiny random-init members of each family (< 3 M parameters each)
 FAMILIES = {
     "resnet": "timm/test_resnet",
@@ -194,13 +196,16 @@ def test_timm_body_checkpoint_round_trips_with_its_input_statistics(tmp_path):
     assert dst.input_stats == src.input_stats
 
 
-@needs_fashion
-def test_groups_command_prints_each_group(tmp_path, workspace):
+def _groups_command(tmp_path, workspace, model: dict):
     import yaml
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(tiny_recipe_dict(model={"arch": "timm/test_efficientnet", "groups": 4},
-                                                    data={"image_size": 32})))
-    result = CliRunner().invoke(main, ["groups", str(path), "--workspace", str(workspace)])
+    path.write_text(yaml.safe_dump(tiny_recipe_dict(model=model, data={"image_size": 32})))
+    return CliRunner().invoke(main, ["groups", str(path), "--workspace", str(workspace)])
+
+
+@needs_fashion
+def test_groups_command_prints_each_group(tmp_path, workspace):
+    result = _groups_command(tmp_path, workspace, {"arch": "timm/test_efficientnet", "groups": 4})
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].startswith("timm/test_efficientnet: 4 layer groups")
@@ -214,11 +219,7 @@ def test_groups_command_prints_each_group(tmp_path, workspace):
 
 @needs_fashion
 def test_groups_command_refuses_too_many_groups_in_one_line(tmp_path, workspace):
-    import yaml
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(tiny_recipe_dict(model={"arch": "timm/test_resnet", "groups": 12},
-                                                    data={"image_size": 32})))
-    result = CliRunner().invoke(main, ["groups", str(path), "--workspace", str(workspace)])
+    result = _groups_command(tmp_path, workspace, {"arch": "timm/test_resnet", "groups": 12})
     assert result.exit_code == 2
     assert result.stderr.splitlines() == [result.stderr.strip()] and "has 5 blocks" in result.stderr
 
@@ -244,3 +245,14 @@ def test_offline_imagenet_request_without_cache_is_one_line_and_writes_nothing(t
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     assert not client.search_experiments(filter_string="name = 'harness-train'") or \
         not client.search_runs([client.get_experiment_by_name("harness-train").experiment_id])
+
+
+def test_lite0_imagenet_builds_offline_with_its_weights_and_statistics():
+    from harness.timm_weights import pretrained_net
+    model = build_model("timm/tf_efficientnet_lite0", 5, "imagenet", "fastai", image_size=64)
+    ref = pretrained_net("tf_efficientnet_lite0").state_dict()
+    body = model.body_state_dict()
+    shared = [k for k in body if k.removeprefix("net.") in ref]
+    assert len(shared) == len(body) and len(shared) > 200           # the whole body, every tensor
+    assert all(torch.equal(body[k], ref[k.removeprefix("net.")]) for k in shared)
+    assert model.input_stats.mean == (0.5, 0.5, 0.5) and model.input_stats.std == (0.5, 0.5, 0.5)

@@ -139,7 +139,7 @@ class ModelConfig(_Strict):
         from harness.models import TIMM_PREFIX
         arch = info.data.get("arch")
         if arch and not arch.startswith(TIMM_PREFIX) and v != 3:
-            raise ValueError(f"{arch} has fastai's 3-group split; use arch timm/{arch} for {v} groups")
+            raise ValueError(f"{arch} has fastai's 3-group split; use arch {TIMM_PREFIX}{arch} for {v} groups")
         return v
 
 

@@ -129,15 +129,16 @@ def build_timm(arch: str, n_classes: int, weights: str, head: str, groups: int,
         head_path = next(n for n, m in net.named_modules() if m is cls)
         head_prefix = f"net.{head_path}."
     else:
-        feats = _probe(net, size, arch, grad=False, features=True)
+        feats = _probe(net, size, arch, grad=True, features=True)
         if feats.ndim == 4 and getattr(net, "output_fmt", "NCHW") in ("NCHW", None):
             mode = "map"
+            feats.float().sum().backward()   # which parameters the features depend on
             net.reset_classifier(0, "")
-            feats = _probe(net, size, arch, grad=True, features=True)
             _drop_unused(net)
             new_head = fastai_head(feats.shape[1], n_classes)
         else:
             mode = "pooled"
+            del feats
             pooled = _probe(net, size, arch, grad=False)
             new_head = fastai_head(pooled.shape[-1], n_classes, pool=False)
         head_prefix = "head."
@@ -165,22 +166,20 @@ def _default_size(net: nn.Module) -> int:
 
 def _probe(net: nn.Module, size: int, arch: str, grad: bool, features: bool = False) -> torch.Tensor:
     """One forward on 2 random images (its own generator: the global RNG is untouched), in
-    eval mode; with `grad`, a backward too, so `_drop_unused` can see which parameters
-    the features depend on."""
+    eval mode; with `grad`, the output keeps its graph, so a backward from it shows
+    `_drop_unused` which parameters the features depend on."""
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     was_training = net.training
     net.eval()
     try:
         with torch.set_grad_enabled(grad):
             out = net.forward_features(x) if features else net(x)
-            if grad:
-                out.float().sum().backward()
     except RuntimeError as e:
         raise HarnessError(f"data.image_size: {size} px does not fit {arch} "
                            f"({str(e).splitlines()[0][:120]})") from None
     finally:
         net.train(was_training)
-    return out.detach()
+    return out if grad else out.detach()
 
 
 def _drop_unused(net: nn.Module) -> None:

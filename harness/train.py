@@ -19,7 +19,7 @@ from torch import nn
 from harness import data as data_mod
 from harness import interrupts
 from harness.errors import HarnessError
-from harness.models import LayerGroups, build_model, param_groups, set_trainable
+from harness.models import TIMM_PREFIX, LayerGroups, build_model, param_groups, set_trainable
 from harness.recipe import Recipe, Stage
 from harness.schedule import one_cycle_lr, one_cycle_mom
 from harness.stages import StagePlan, capture, check_prefix, restore
@@ -105,18 +105,16 @@ def make_optimizer(model: LayerGroups, stage: Stage, recipe: Recipe, device: tor
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, split: data_mod.Split, batch_size: int, device: torch.device,
-             stats: data_mod.InputStats | None = None):
+def evaluate(model: nn.Module, split: data_mod.Split, batch_size: int, device: torch.device):
     """(mean loss, accuracy) on a split, read from the device once; (None, None) if empty.
-    Inputs are normalised with `stats` (default: the model's own `input_stats`)."""
+    Inputs are normalised with the model's own `input_stats`."""
     n = len(split.y)
     if n == 0:
         return None, None
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    stats = stats or getattr(model, "input_stats", None)
-    for x, y in data_mod.eval_batches(split, batch_size, stats):
+    for x, y in data_mod.eval_batches(split, batch_size, getattr(model, "input_stats", None)):
         with _autocast(device):
             out = model(_memory_format(x, device))
         loss_sum += nn.functional.cross_entropy(out.float(), y, reduction="sum")
@@ -175,7 +173,7 @@ def check_inputs(recipe: Recipe, workspace: str | Path = "workspace") -> None:
     n_train, bs = len(ds.train.y), recipe.data.batch_size
     if data_mod.steps_per_epoch(n_train, bs) == 0:   # as prepare() would find, after a run was opened
         raise HarnessError(f"data.batch_size: {bs} is larger than the training set ({n_train} images)")
-    if recipe.model.weights != "none" or recipe.model.arch.startswith("timm/"):
+    if recipe.model.weights != "none" or recipe.model.arch.startswith(TIMM_PREFIX):
         _build(recipe, len(ds.class_names))   # weights found and fitting; a timm model's groups and input size
 
 

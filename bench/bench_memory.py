@@ -5,15 +5,15 @@
         [--batch-size 32] [--steps 4] [--weights none] [--threads 1] [--json OUT]
 
 The harness holds Fashion-MNIST at its native 28 px (uint8, 1 channel) and resizes every
-batch on the device (harness.data: `Split.size`); resized once up front, the 60,000 train
+batch on the device (harness.engine.data: `Split.size`); resized once up front, the 60,000 train
 images at 224 px would need 60,000 x 3 x 224 x 224 bytes = 9.0 GB of uint8 (3.0 GB even
 kept grey). This script runs what `fine_tune` runs, but only `--steps` optimizer steps:
 
-1. `harness.train.prepare(recipe)`: seed, load the dataset (all 10 classes, no
+1. `harness.engine.train.prepare(recipe)`: seed, load the dataset (all 10 classes, no
    train_per_class cap: 54,000 train + 6,000 val images, and the 10,000 test images),
    build the model, move it to the device;
-2. the stage's `set_trainable` and `make_optimizer` (harness.train), then `--steps` steps
-   over `harness.data.train_batches` (the per-batch resize to 224 px and the
+2. the stage's `set_trainable` and `make_optimizer` (harness.engine.train), then `--steps` steps
+   over `harness.engine.data.train_batches` (the per-batch resize to 224 px and the
    normalisation with the model's input_stats), with fine_tune's step body: forward,
    cross-entropy, backward, optimizer step, zero_grad.
 
@@ -41,10 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from harness import data as data_mod  # noqa: E402
-from harness.recipe import Recipe  # noqa: E402
-from harness.train import make_optimizer, prepare  # noqa: E402
-from harness.models import set_trainable  # noqa: E402
+from harness.engine import data as data_mod  # noqa: E402
+from harness.engine.recipe import Recipe  # noqa: E402
+from harness.engine.train import make_optimizer, prepare  # noqa: E402
+from harness.engine.models import set_trainable  # noqa: E402
 
 GB = 1e9
 MIB = 2 ** 20
@@ -93,7 +93,7 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> tuple[int, dict[str, int]]
 
 def dataset_tensors(run) -> dict[str, torch.Tensor]:
     """Every dataset tensor the process holds after prepare(): the splits (train on the
-    device, val and test as loaded) and the decoded full set harness.data keeps in memory."""
+    device, val and test as loaded) and the decoded full set harness.engine.data keeps in memory."""
     ds = run.dataset
     out = {"train.x": run.train.x, "train.y": run.train.y,
            "val.x": ds.val.x, "val.y": ds.val.y, "test.x": ds.test.x, "test.y": ds.test.y}

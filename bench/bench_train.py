@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Harness overhead, as two ratios against references that do the same work.
 
-(a) images/s of one harness training stage (harness.train.fine_tune) / images/s of a
+(a) images/s of one harness training stage (harness.engine.train.fine_tune) / images/s of a
     bare PyTorch loop: same model, batch, dtype, memory format, optimizer and param
     groups, same steps, same device-resident synthetic uint8 data, same per-batch
     resize and normalisation (the model's input_stats).                target >= 0.97
@@ -14,7 +14,7 @@
         [--epochs 2] [--repeats 5] [--threads N] [--json OUT]
 
 How and why it is measured this way: bench/README.md. Only harness's public functions
-are used; the one patch is harness.data.load_dataset, swapped for the synthetic data
+are used; the one patch is harness.engine.data.load_dataset, swapped for the synthetic data
 while a fine_tune runs and restored afterwards.
 """
 from __future__ import annotations
@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from harness import data as data_mod  # noqa: E402
-from harness.models import TIMM_PREFIX, build_model, param_groups, set_trainable  # noqa: E402
-from harness.recipe import Recipe  # noqa: E402
-from harness.train import NullTracker, fine_tune, resolve_device  # noqa: E402
+from harness.engine import data as data_mod  # noqa: E402
+from harness.engine.models import TIMM_PREFIX, build_model, param_groups, set_trainable  # noqa: E402
+from harness.engine.recipe import Recipe  # noqa: E402
+from harness.engine.train import NullTracker, fine_tune, resolve_device  # noqa: E402
 
 N_CLASSES = 10
 LR = 1e-3                  # plain LR, one stage `train: all`: the work matches the bare loop
@@ -56,7 +56,7 @@ def synthetic_dataset(n_train: int, n_eval: int, args, device: torch.device,
     """uint8 [N,C,s,s] images (C = args.channels, s = args.stored_size) and random labels,
     already on `device` (to_device is then a no-op). When s differs from args.image_size the
     splits carry `size = image_size`, so every batch is resized on the device, as
-    harness.data.load_dataset does for Fashion-MNIST (held at 28 px, 1 channel)."""
+    harness.engine.data.load_dataset does for Fashion-MNIST (held at 28 px, 1 channel)."""
     g = torch.Generator().manual_seed(seed)
     c, stored = args.channels, args.stored_size
     size = None if stored == args.image_size else args.image_size
@@ -72,7 +72,7 @@ def synthetic_dataset(n_train: int, n_eval: int, args, device: torch.device,
 
 @contextlib.contextmanager
 def serving(ds: data_mod.Dataset):
-    """fine_tune loads `ds` instead of reading a dataset (harness.train calls data_mod.load_dataset)."""
+    """fine_tune loads `ds` instead of reading a dataset (harness.engine.train calls data_mod.load_dataset)."""
     original = data_mod.load_dataset
     data_mod.load_dataset = lambda cfg, workspace, seed: ds
     try:
@@ -108,19 +108,19 @@ def sync(device: torch.device) -> None:
 # ------------------------------------------------------------------ the two sides of (a)
 
 def build(recipe: Recipe):
-    """The model exactly as fine_tune builds it (harness.train._build's arguments)."""
+    """The model exactly as fine_tune builds it (harness.engine.train._build's arguments)."""
     m = recipe.model
     return build_model(m.arch, N_CLASSES, m.weights, m.head, m.groups, recipe.data.image_size)
 
 
 def normalizer(device: torch.device, use_harness: bool, stats: data_mod.InputStats):
-    """harness.data.normalize's arithmetic with `stats` (the model's input_stats) as
+    """harness.engine.data.normalize's arithmetic with `stats` (the model's input_stats) as
     tensors made once, on the device.
 
-    harness.data.normalize used to build its mean/std with torch.tensor(..., device=x.device)
+    harness.engine.data.normalize used to build its mean/std with torch.tensor(..., device=x.device)
     on every call (now cached per device); on CUDA that is a blocking host-to-device copy (a
     host sync) per batch, which a bare loop would not do. `use_harness` makes the bare loop
-    call harness.data.normalize itself, to isolate whatever it costs: the two runs differ
+    call harness.engine.data.normalize itself, to isolate whatever it costs: the two runs differ
     only there."""
     if use_harness:
         return lambda x: data_mod.normalize(x, stats)
@@ -361,7 +361,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
     p.add_argument("--arch", default="resnet18",
-                   help="a torchvision arch of harness.models.ARCHS, or timm/<name>")
+                   help="a torchvision arch of harness.engine.models.ARCHS, or timm/<name>")
     p.add_argument("--image-size", type=int, default=32, help="the size the model sees")
     p.add_argument("--stored-size", type=int, default=None,
                    help="the size the synthetic images are held at; when it differs from "
@@ -384,7 +384,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--progress", action="store_true",
                    help="run the harness side of (a) with its tqdm bar on, as `harness train` does")
     p.add_argument("--bare-harness-normalize", action="store_true",
-                   help="the bare loop calls harness.data.normalize (a host sync per batch on CUDA) "
+                   help="the bare loop calls harness.engine.data.normalize (a host sync per batch on CUDA) "
                         "instead of the same arithmetic with constants made once")
     p.add_argument("--skip-mlflow", action="store_true", help="measure (a) only")
     p.add_argument("--json", metavar="OUT", help="also write every measurement to this file")

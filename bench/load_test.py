@@ -157,7 +157,7 @@ def _wait(procs: dict[str, subprocess.Popen], deadline: float, progress: Callabl
 
 def _progress(storage: str, study_name: str, n: int) -> str:
     import optuna
-    from harness import storage as st
+    from harness.sweep import storage as st
     try:
         states = Counter(t.state.name for t in optuna.load_study(
             study_name=study_name, storage=st.open_storage(storage)).get_trials(deepcopy=False))
@@ -185,7 +185,7 @@ def check(storage: str, tracking_uri: str, name: str, n: int, procs: dict[str, s
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from harness import storage as st
+    from harness.sweep import storage as st
 
     failures: list[str] = []
     r: dict = {"exit_codes": {w: p.returncode for w, p in procs.items()}}

@@ -1,6 +1,6 @@
 """finetune-harness: find the best way to fine-tune a pretrained vision model on your data."""
 from harness.errors import HarnessError
-from harness.recipe import Recipe, Stage
-from harness.train import Result, fine_tune
+from harness.engine.recipe import Recipe, Stage
+from harness.engine.train import Result, fine_tune
 
 __all__ = ["HarnessError", "Recipe", "Stage", "Result", "fine_tune"]

@@ -52,7 +52,7 @@ def _workspace(path: str) -> Path:
 
 def _recipe(path: str, device: str | None):
     """The recipe at `path`, with --device applied when given."""
-    from harness.recipe import Recipe
+    from harness.engine.recipe import Recipe
     recipe = Recipe.from_yaml(path)
     return recipe.replace(device=device) if device else recipe
 
@@ -124,9 +124,9 @@ def _one_line_thread_errors() -> None:
 def train(recipe_path, workspace, tracking_uri, device, experiment, save_stages):
     """Fine-tune once as RECIPE.yaml says, logging the run to MLflow."""
     from harness.report import summary_table
-    from harness.stages import StagePlan, saver, stage_path
+    from harness.engine.stages import StagePlan, saver, stage_path
     from harness.tracking import default_tracking_uri, mlflow_run, tracked_fine_tune
-    from harness.train import check_inputs
+    from harness.engine.train import check_inputs
 
     recipe = _recipe(recipe_path, device)
     ws = _workspace(workspace)
@@ -206,15 +206,15 @@ def sweep(study_path, strategies, trials, use_lr_find, workers, workers_per_gpu,
           storage, tracking_uri):
     """Run (or resume) an Optuna study per strategy; every trial is a tracked fine-tune."""
     from harness.results import format_status, status_rows
-    from harness.study import load_study
-    from harness.sweep import run_sweep
+    from harness.sweep.study import load_study
+    from harness.sweep.sweep import run_sweep
 
     study = load_study(study_path)
     ws = _workspace(workspace)
     _interruptible()
     centre = None
     if use_lr_find:
-        from harness.lr_find import centred_first_trials
+        from harness.engine.lr_find import centred_first_trials
         centre = centred_first_trials(study, ws, list(strategies) or None, echo=click.echo)
     run_sweep(study, ws, list(strategies) or None, trials, storage, tracking_uri, centre=centre,
               workers=workers, workers_per_gpu=workers_per_gpu, heartbeat=heartbeat, echo=click.echo)
@@ -239,8 +239,8 @@ def worker(study_path, strategies, trials, heartbeat, name, seed_offset, workspa
     HARNESS_STORAGE) and --tracking-uri http://... (or MLFLOW_TRACKING_URI)."""
     import os
 
-    from harness.study import load_study
-    from harness.sweep import _chosen, join
+    from harness.sweep.study import load_study
+    from harness.sweep.sweep import _chosen, join
 
     study = load_study(study_path)
     ws = _workspace(workspace)
@@ -262,7 +262,7 @@ def worker(study_path, strategies, trials, heartbeat, name, seed_offset, workspa
 def status(study_path, workspace, storage):
     """Trials done / pruned / failed / running and the best point of each strategy."""
     from harness.results import format_status, status_rows
-    from harness.study import load_study
+    from harness.sweep.study import load_study
 
     study = load_study(study_path)
     click.echo(format_status(study, status_rows(study, workspace, storage)))
@@ -278,7 +278,7 @@ def status(study_path, workspace, storage):
 def export(study_path, strategy, output, workspace, storage):
     """Write the best trial's complete recipe; `harness train` replays it."""
     from harness.results import export_best
-    from harness.study import load_study
+    from harness.sweep.study import load_study
 
     study = load_study(study_path)
     path, strat, trial = export_best(study, workspace, storage, strategy, output)
@@ -296,7 +296,7 @@ def compare(study_path, seeds, workspace, storage, tracking_uri):
     """Re-run each strategy's best recipe over K seeds and score it on the held-out test split."""
     from harness.results import compare as run_compare
     from harness.results import comparison_table, markdown_table, save_comparison
-    from harness.study import load_study
+    from harness.sweep.study import load_study
 
     study = load_study(study_path)
     ws = _workspace(workspace)
@@ -314,15 +314,15 @@ def compare(study_path, seeds, workspace, storage, tracking_uri):
 def groups(recipe_path, workspace):
     """Print the model's layer groups: name, parameter count, modules (a study file: its recipe)."""
     from harness.report import groups_table
-    from harness.train import layer_groups
+    from harness.engine.train import layer_groups
 
     click.echo(groups_table(layer_groups(_recipe_or_study_base(recipe_path), _workspace(workspace))))
 
 
 def _recipe_or_study_base(path: str):
-    from harness.recipe import Recipe, read_yaml
+    from harness.engine.recipe import Recipe, read_yaml
     if "strategies" in read_yaml(path):   # a study: its base recipe, with a placeholder stage
-        from harness.study import load_study
+        from harness.sweep.study import load_study
         study = load_study(path)
         return Recipe.from_dict({**study.base, "stages": [{"epochs": 1, "lr": 1e-3}]}, source=path)
     return Recipe.from_yaml(path)
@@ -341,7 +341,7 @@ def _recipe_or_study_base(path: str):
 @_fail_cleanly
 def lr_find_cmd(recipe_path, stage, output, workspace, tracking_uri, device):
     """fastai's LR range test on a stage of the recipe: plot and suggestions."""
-    from harness.lr_find import chosen_stages, run_lr_find
+    from harness.engine.lr_find import chosen_stages, run_lr_find
 
     recipe = _recipe(recipe_path, device)
     stages = chosen_stages(recipe, stage)   # a bad --stage is refused before anything is written

@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.models import read_checkpoint, save_checkpoint
-from harness.recipe import Recipe
+from harness.engine.models import read_checkpoint, save_checkpoint
+from harness.engine.recipe import Recipe
 
 
 def config_hash(recipe: Recipe) -> str:
@@ -25,7 +25,7 @@ def pretrain(recipe: Recipe, output: str | Path, workspace: str | Path = "worksp
     """Train `recipe` and save its body to `output`; returns the checkpoint's metadata.
     An existing checkpoint from the same recipe is reused as it is."""
     from harness.tracking import default_tracking_uri, mlflow_run, tracked_fine_tune
-    from harness.train import check_inputs
+    from harness.engine.train import check_inputs
 
     output, digest = Path(output), config_hash(recipe)
     if output.exists():

@@ -109,7 +109,7 @@ def compare_figure(cmp) -> plt.Figure:
 def groups_table(model) -> str:
     """Each layer group's name, parameter count and modules, input -> output, the way timm
     dumps a group assignment."""
-    from harness.models import describe_groups
+    from harness.engine.models import describe_groups
     rows = describe_groups(model)
     total = sum(r["parameters"] for r in rows)
     width = max(len(r["group"]) for r in rows + [{"group": "group"}])
@@ -127,7 +127,7 @@ SUGGESTION_COLORS = {"valley": "C1", "steep": "C2", "minimum": "C3"}
 def lr_find_panel(ax, result, title: str = "") -> None:
     """One LR-finder curve on `ax`: smoothed loss against LR (log x), the last 5 points left
     out as fastai's plot does (when more than 10 were recorded), each suggestion a labelled point."""
-    from harness.lr_find import SKIP_END, SUGGESTION_NAMES
+    from harness.engine.lr_find import SKIP_END, SUGGESTION_NAMES
 
     n = len(result.lrs)
     keep = n - SKIP_END if n > 2 * SKIP_END else n

@@ -10,11 +10,11 @@ import optuna
 import yaml
 
 from harness.errors import HarnessError
-from harness.recipe import Recipe
-from harness.space import on_boundary
-from harness.study import Study
-from harness.storage import resolve as storage_url
-from harness.sweep import best_trial, count_trials, load_ostudy
+from harness.engine.recipe import Recipe
+from harness.sweep.space import on_boundary
+from harness.sweep.study import Study
+from harness.sweep.storage import resolve as storage_url
+from harness.sweep.sweep import best_trial, count_trials, load_ostudy
 
 
 def status_rows(study: Study, workspace: str | Path, storage: str | None = None) -> list[dict[str, Any]]:
@@ -151,7 +151,7 @@ class Comparison:
 def compare(study: Study, workspace, storage: str | None = None, seeds: int | None = None,
             echo: Callable[[str], None] = print) -> Comparison:
     """Re-run each strategy's best recipe with seeds 0..K-1 and score it on the test split."""
-    from harness.train import fine_tune
+    from harness.engine.train import fine_tune
 
     url = storage_url(workspace, storage)
     k = seeds or study.config.compare.seeds

@@ -242,9 +242,9 @@ def tracked_fine_tune(recipe, tracker: MlflowTracker, workspace: str | Path = "w
     A diverged run ends FAILED with its reason. `plan`: fine_tune's StagePlan."""
     import torch
 
-    from harness.models import group_names
+    from harness.engine.models import group_names
     from harness.report import lr_figure
-    from harness.train import fine_tune, resolve_device
+    from harness.engine.train import fine_tune, resolve_device
 
     params = flatten(recipe.to_dict())
     params.update(extra_params or {})

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.recipe import Recipe
+from harness.engine.recipe import Recipe
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(not FASHION_DIR.is_dir(),

@@ -79,7 +79,7 @@ def images(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """Checkpoints that must not load into the baseline's resnet18."""
-    from harness.models import CHECKPOINT_FORMAT, build_model, save_checkpoint
+    from harness.engine.models import CHECKPOINT_FORMAT, build_model, save_checkpoint
     folder = tmp_path_factory.mktemp("bad-input-checkpoints")
     other_arch = folder / "resnet34.pt"
     save_checkpoint(build_model("resnet34", 2, head="linear"), other_arch, {"arch": "resnet34"})
@@ -537,8 +537,8 @@ def test_there_are_enough_cases():
 def test_baseline_is_valid_and_sweeps(tmp_path, images, monkeypatch):
     """The input every case departs from is good: the recipe passes check_inputs and the
     study sweeps one trial for real (~10-20 s: a fresh MLflow store, two tiny epochs)."""
-    from harness.recipe import Recipe
-    from harness.train import check_inputs
+    from harness.engine.recipe import Recipe
+    from harness.engine.train import check_inputs
 
     for var in ("HARNESS_STORAGE", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(var, raising=False)

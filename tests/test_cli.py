@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from conftest import needs_fashion, tiny_recipe_dict, template_store
 from harness.cli import main
-from harness.recipe import Recipe
+from harness.engine.recipe import Recipe
 
 HARNESS = Path(sys.executable).parent / "harness"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""Tests for harness.data: loading, class subsets, seeded splits, caching, and batches."""
+"""Tests for harness.engine.data: loading, class subsets, seeded splits, caching, and batches."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from harness import data
-from harness.data import CLASS_NAMES_FASHION, IMAGENET_MEAN, IMAGENET_STD, Split
+from harness.engine import data
+from harness.engine.data import CLASS_NAMES_FASHION, IMAGENET_MEAN, IMAGENET_STD, Split
 from harness.errors import HarnessError
 
 needs_fashion = pytest.mark.skipif(

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from conftest import needs_fashion
 from harness.cli import main
-from harness.storage import open_storage
+from harness.sweep.storage import open_storage
 from test_workers import local_stores, mlflow_runs, tiny_study
 
 S = optuna.trial.TrialState

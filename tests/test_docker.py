@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from conftest import needs_fashion
-from harness import storage as st
-from harness.models import read_checkpoint
+from harness.sweep import storage as st
+from harness.engine.models import read_checkpoint
 from services import COMPOSE, compose_service, harness_argv, interpolate
 
 COMPOSE_WORKERS = COMPOSE.parent / "compose.workers.yaml"

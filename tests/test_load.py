@@ -56,7 +56,7 @@ def _open_storage_at_once(url: str, k: int) -> list[str]:
     started at once do first; the error lines of those that failed."""
     import subprocess
     import sys
-    code = f"from harness.storage import open_storage; open_storage({url!r}, 30)"
+    code = f"from harness.sweep.storage import open_storage; open_storage({url!r}, 30)"
     procs = [subprocess.Popen([sys.executable, "-W", "ignore", "-c", code], stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for _ in range(k)]
     errors = []

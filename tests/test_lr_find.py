@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from harness import lr_find as lf
+from harness.engine import lr_find as lf
 from harness.errors import HarnessError
-from harness.recipe import Recipe
+from harness.engine.recipe import Recipe
 from tests.conftest import needs_fashion, tiny_recipe_dict
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -39,7 +39,7 @@ class SpyOptimizer:
         self.opt = None
 
     def __call__(self, *args, **kwargs):
-        from harness.train import make_optimizer
+        from harness.engine.train import make_optimizer
         self.opt = make_optimizer(*args, **kwargs)
         return self.opt
 
@@ -296,7 +296,7 @@ def test_centred_first_trials_maps_the_valley_per_strategy_and_clips(monkeypatch
     (Updated: two_phase used to take lr_high = stage-1 valley / 2.)"""
     import yaml
 
-    from harness.study import load_study
+    from harness.sweep.study import load_study
 
     base = tiny_recipe_dict()
     del base["stages"]

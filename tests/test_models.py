@@ -1,4 +1,4 @@
-"""Tests for harness.models: fastai's layer groups and head, freezing, param groups, checkpoints."""
+"""Tests for harness.engine.models: fastai's layer groups and head, freezing, param groups, checkpoints."""
 from __future__ import annotations
 
 import copy
@@ -11,9 +11,9 @@ import torch
 import torchvision
 from torch import nn
 
-from harness import models
+from harness.engine import models
 from harness.errors import HarnessError
-from harness.models import (AdaptiveConcatPool2d, TransferModel, build_model, linear_head, load_body,
+from harness.engine.models import (AdaptiveConcatPool2d, TransferModel, build_model, linear_head, load_body,
                             param_groups, read_checkpoint, save_checkpoint, set_trainable)
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)

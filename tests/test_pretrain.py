@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from conftest import needs_fashion, template_store
-from harness import train as train_mod
+from harness.engine import train as train_mod
 from harness import tracking
 from harness.errors import HarnessError
-from harness.models import build_model, read_checkpoint
+from harness.engine.models import build_model, read_checkpoint
 from harness.pretrain import pretrain
-from harness.recipe import Recipe
-from harness.train import fine_tune
+from harness.engine.recipe import Recipe
+from harness.engine.train import fine_tune
 
 pytestmark = needs_fashion
 

@@ -1,4 +1,4 @@
-"""Tests for harness.recipe: YAML round-trips, validation errors naming the field, read_yaml."""
+"""Tests for harness.engine.recipe: YAML round-trips, validation errors naming the field, read_yaml."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from conftest import tiny_recipe_dict
 from harness.errors import HarnessError
-from harness.recipe import LRSlice, Recipe, Stage, read_yaml
+from harness.engine.recipe import LRSlice, Recipe, Stage, read_yaml
 
 
 def with_stage(index: int = 0, **fields) -> dict:

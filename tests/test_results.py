@@ -16,7 +16,7 @@ from scipy import stats
 from conftest import FASHION_DIR, needs_fashion
 from harness.cli import main
 from harness.results import Comparison, StrategyResult, status_rows
-from harness.study import load_study
+from harness.sweep.study import load_study
 from test_sweep import (BASE_STUDY, PNG_MAGIC, THREADS, base_recipe, base_sweep,
                         client_for, invoke, write_study)
 

@@ -1,4 +1,4 @@
-"""Tests for harness.schedule: fastai's slice -> per-group LRs and the one-cycle LR/momentum.
+"""Tests for harness.engine.schedule: fastai's slice -> per-group LRs and the one-cycle LR/momentum.
 
 Expectations come from FINETUNE_SEMANTICS.md: a reference implementation of the doc's
 formula written out here with math.cos, the doc's worked example, and torch's OneCycleLR
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from harness.schedule import DEFAULT_MOMS, group_lrs, one_cycle_lr, one_cycle_mom
+from harness.engine.schedule import DEFAULT_MOMS, group_lrs, one_cycle_lr, one_cycle_mom
 
 
 # --- an independent reference of the doc's formula ---------------------------------------

@@ -5,8 +5,8 @@ import pytest
 from click.testing import CliRunner
 
 from harness.cli import main
-from harness.launch import worker_argv
-from harness.study import load_study
+from harness.sweep.launch import worker_argv
+from harness.sweep.study import load_study
 
 
 @pytest.mark.parametrize("command", ["train", "sweep"])

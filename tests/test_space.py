@@ -1,4 +1,4 @@
-"""Tests for harness.space: the per-hyperparameter syntax, sampling with Optuna's real trials
+"""Tests for harness.sweep.space: the per-hyperparameter syntax, sampling with Optuna's real trials
 (ordered pairs and epoch splits hold by construction), the clipped baseline and the
 on-boundary flag."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import optuna
 import pytest
 
 from harness.errors import HarnessError
-from harness.space import ParamSpec, baseline, check_space, on_boundary, parse_param, suggest
-from harness.strategies import defaults
+from harness.sweep.space import ParamSpec, baseline, check_space, on_boundary, parse_param, suggest
+from harness.sweep.strategies import defaults
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -167,7 +167,7 @@ def test_suggest_300_random_trials_never_give_lr_low_above_lr_high():
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 def test_suggest_with_the_sweeps_tpe_sampler_keeps_the_order():
-    from harness.sweep import make_sampler
+    from harness.sweep.sweep import make_sampler
     space = space_of("discriminative", {k: OVERLAPPING[k] for k in ("lr_low", "lr_high", "pct_start")})
     draws = ask_many(space, 30, sampler=make_sampler("tpe", 0),
                      value=lambda v, i: -abs(math.log10(v["lr_high"]) + 3))

@@ -20,13 +20,13 @@ import yaml
 from click.testing import CliRunner
 
 from conftest import needs_fashion, template_store, tiny_recipe_dict
-from harness import lr_find as lf
-from harness import stages as st
+from harness.engine import lr_find as lf
+from harness.engine import stages as st
 from harness.cli import main
 from harness.errors import HarnessError
-from harness.recipe import Recipe
-from harness.stages import StagePlan
-from harness.train import fine_tune
+from harness.engine.recipe import Recipe
+from harness.engine.stages import StagePlan
+from harness.engine.train import fine_tune
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -149,7 +149,7 @@ class ModelAtStart:
         self.state, self.trainable = None, None
 
     def __call__(self, model, *args, **kwargs):
-        from harness.train import make_optimizer
+        from harness.engine.train import make_optimizer
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.trainable = [all(p.requires_grad for _, p, _ in g) for g in model.group_members()]
         return make_optimizer(model, *args, **kwargs)
@@ -292,7 +292,7 @@ def test_a_stage_checkpoint_of_another_recipe_is_refused_naming_the_file(saved, 
 @needs_fashion
 @pytest.mark.slow
 def test_sweep_centres_two_phase_lr_high_from_its_unfrozen_stage(saved, tmp_path, monkeypatch):
-    from harness.study import load_study
+    from harness.sweep.study import load_study
 
     base = tiny_recipe_dict()
     del base["stages"]
@@ -321,7 +321,7 @@ def test_a_checkpoint_from_another_device_type_loads_with_reseeded_generators(sa
     """device is not in the key (as pretrain's config_hash): a GPU checkpoint continues on the
     CPU, its weights exact, its generators re-seeded from seed and stage (a CUDA generator's
     state does not fit a CPU one)."""
-    from harness.train import prepare
+    from harness.engine.train import prepare
 
     recipe = saved["recipe"]
     ckpt = st.read_stage(st.stage_path(saved["ws"], recipe, 1), recipe)

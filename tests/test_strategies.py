@@ -1,12 +1,12 @@
-"""Tests for harness.strategies: each strategy's stages, the epoch budget, fastai fine_tune LRs."""
+"""Tests for harness.sweep.strategies: each strategy's stages, the epoch budget, fastai fine_tune LRs."""
 from __future__ import annotations
 
 import pytest
 
 from harness.errors import HarnessError
-from harness.recipe import LRSlice, Stage
-from harness.schedule import one_cycle_lr, one_cycle_mom
-from harness.strategies import (STRATEGIES, defaults, discriminative, gradual, head_only, lp_ft, naive,
+from harness.engine.recipe import LRSlice, Stage
+from harness.engine.schedule import one_cycle_lr, one_cycle_mom
+from harness.sweep.strategies import (STRATEGIES, defaults, discriminative, gradual, head_only, lp_ft, naive,
                                 stages_for, two_phase)
 
 N_GROUPS = 3

@@ -1,4 +1,4 @@
-"""Tests for harness.study: the shipped study files load, every invalid study file is refused
+"""Tests for harness.sweep.study: the shipped study files load, every invalid study file is refused
 with one HarnessError line naming the field, and a trial's recipe spends exactly the budget."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 from conftest import tiny_recipe_dict
 from harness.errors import HarnessError
-from harness.recipe import Recipe
-from harness.strategies import STRATEGIES
-from harness.study import load_study
+from harness.engine.recipe import Recipe
+from harness.sweep.strategies import STRATEGIES
+from harness.sweep.study import load_study
 
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
 

@@ -23,8 +23,8 @@ from click.testing import CliRunner
 
 from conftest import FASHION_DIR, needs_fashion, tiny_recipe_dict, template_store
 from harness.cli import main
-from harness.recipe import Recipe
-from harness.study import Study, load_study
+from harness.engine.recipe import Recipe
+from harness.sweep.study import Study, load_study
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS_PER_EPOCH = (2 * 24) // 8                   # as test_cli.py counts for the tiny recipe
@@ -90,7 +90,7 @@ class Sweep:
         return o + (["--tracking-uri", self.tracking] if tracking else [])
 
     def ostudy(self, strategy: str) -> optuna.Study:
-        from harness.storage import open_storage
+        from harness.sweep.storage import open_storage
         return optuna.load_study(study_name=f"{self.study.name}/{strategy}", storage=open_storage(self.storage))
 
     def runs(self) -> list:
@@ -349,7 +349,7 @@ def diverging_sweep(tmp_path, tmp_path_factory, workspace, lr: float, trials: in
 
 
 def test_count_trials_sorts_every_state():
-    from harness.sweep import Counts, count_trials
+    from harness.sweep.sweep import Counts, count_trials
     ostudy = optuna.create_study(direction="maximize")
     dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
     S = optuna.trial.TrialState
@@ -429,7 +429,7 @@ def test_a_trial_at_lr_1e3_is_recorded_as_diverged(tmp_path, tmp_path_factory, w
 def fake_fine_tune(values_per_trial: list[float], calls: list):
     """A stand-in for tracked_fine_tune: reports `values_per_trial[n]` after each of the
     recipe's epochs for the n-th call, as the real one does, and logs val/accuracy."""
-    from harness.train import EpochStats, Result
+    from harness.engine.train import EpochStats, Result
 
     def fake(recipe, tracker, workspace="workspace", report=None, progress=False, extra_params=None,
              evaluate_test=True):
@@ -450,7 +450,7 @@ def fake_fine_tune(values_per_trial: list[float], calls: list):
 
 def test_median_pruner_prunes_a_trial_below_the_median(tmp_path, tmp_path_factory, monkeypatch):
     import harness.tracking
-    from harness.sweep import run_sweep
+    from harness.sweep.sweep import run_sweep
 
     study_d = {**BASE_STUDY, "name": "prune", "recipe": base_recipe(), "trials": 4, "pruner": "median",
                "strategies": {"naive": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}, "head_only": None}}
@@ -536,7 +536,7 @@ def test_a_crashed_first_trial_is_run_again_with_the_defaults_on_resume(tmp_path
     """A crash (not a divergence) in the enqueued default trial stops the sweep; the next
     `harness sweep` runs the published default again instead of losing the baseline."""
     import harness.tracking
-    from harness.sweep import run_sweep
+    from harness.sweep.sweep import run_sweep
 
     study_d = {**BASE_STUDY, "name": "crash", "recipe": base_recipe(), "trials": 2, "pruner": "none",
                "strategies": {"naive": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}}}

@@ -11,10 +11,10 @@ from torch import nn
 from conftest import needs_fashion, template_store, tiny_recipe_dict
 from harness.cli import main
 from harness.errors import HarnessError
-from harness.models import build_model, describe_groups, param_groups, set_trainable
-from harness.recipe import Recipe
-from harness.timm_models import merge_blocks
-from harness.train import fine_tune
+from harness.engine.models import build_model, describe_groups, param_groups, set_trainable
+from harness.engine.recipe import Recipe
+from harness.engine.timm_models import merge_blocks
+from harness.engine.train import fine_tune
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest.one_thread
 
@@ -99,7 +99,7 @@ def test_merge_blocks_is_contiguous_and_balanced_by_block_count():
 
 
 def test_more_groups_give_finer_lrs_and_more_gradual_stages(workspace):
-    from harness.strategies import stages_for
+    from harness.sweep.strategies import stages_for
     model = build_model("timm/test_vit", 3, "none", "fastai", groups=5, image_size=32)
     assert model.group_names == ["body1", "body2", "body3", "body4", "head"]
     pgs = param_groups(model, 0.01)
@@ -185,7 +185,7 @@ def test_two_phase_recipe_trains_end_to_end(family, workspace):
 
 @needs_fashion
 def test_timm_body_checkpoint_round_trips_with_its_input_statistics(tmp_path):
-    from harness.models import save_checkpoint
+    from harness.engine.models import save_checkpoint
     torch.manual_seed(0)
     src = build_model("timm/test_vit", 3, "none", "linear", image_size=32)
     save_checkpoint(src, tmp_path / "b.pt", {"note": "x"})
@@ -248,7 +248,7 @@ def test_offline_imagenet_request_without_cache_is_one_line_and_writes_nothing(t
 
 
 def test_lite0_imagenet_builds_offline_with_its_weights_and_statistics():
-    from harness.timm_weights import pretrained_net
+    from harness.engine.timm_weights import pretrained_net
     model = build_model("timm/tf_efficientnet_lite0", 5, "imagenet", "fastai", image_size=64)
     ref = pretrained_net("tf_efficientnet_lite0").state_dict()
     body = model.body_state_dict()

@@ -1,4 +1,4 @@
-"""harness.timm_weights: real pretrained timm backbones from local caches, the Lite0 package,
+"""harness.engine.timm_weights: real pretrained timm backbones from local caches, the Lite0 package,
 or a one-line error -- never a network wait. Every test runs with the caches in tmp_path and
 HF_HUB_OFFLINE=1 unless it says otherwise; nothing here touches the network."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from harness import timm_weights as tw
+from harness.engine import timm_weights as tw
 from harness.errors import HarnessError
 
 REV = "0123456789abcdef0123456789abcdef01234567"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_fashion, tiny_recipe_dict, template_store
-from harness.recipe import Recipe
+from harness.engine.recipe import Recipe
 from harness.tracking import MlflowTracker, default_tracking_uri, flatten, mlflow_run, tracked_fine_tune
 
 

@@ -1,8 +1,8 @@
-"""Tests for harness.train.fine_tune: the schedule the optimizer really holds, freezing,
+"""Tests for harness.engine.train.fine_tune: the schedule the optimizer really holds, freezing,
 optimizer resets, determinism, divergence, the report callback and bad settings.
 
 Expected numbers come from FINETUNE_SEMANTICS.md, re-implemented here (not from
-harness.schedule), and are compared with what the optimizer holds when it steps.
+harness.engine.schedule), and are compared with what the optimizer holds when it steps.
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from conftest import needs_fashion, tiny_recipe_dict
-from harness import train as train_mod
+from harness.engine import train as train_mod
 from harness.errors import HarnessError
-from harness.recipe import Recipe
-from harness.train import fine_tune
+from harness.engine.recipe import Recipe
+from harness.engine.train import fine_tune
 
 pytestmark = needs_fashion
 

@@ -20,10 +20,10 @@ import pytest
 import yaml
 
 from conftest import needs_fashion
-from harness import storage as st
+from harness.sweep import storage as st
 from harness.errors import HarnessError
-from harness.launch import plan
-from harness.worker import RETRIES, alive, requeue, worker_id
+from harness.sweep.launch import plan
+from harness.sweep.worker import RETRIES, alive, requeue, worker_id
 
 S = optuna.trial.TrialState
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -148,7 +148,7 @@ def test_study_lock_on_postgres_is_exclusive_per_study(pg_url):
 
 def test_a_dead_processs_lock_is_released(tmp_path):
     spec = str(tmp_path / "o.journal")
-    code = (f"from harness.storage import StudyLock; import os; StudyLock({spec!r}, 's/x').acquire(); "
+    code = (f"from harness.sweep.storage import StudyLock; import os; StudyLock({spec!r}, 's/x').acquire(); "
             "os.kill(os.getpid(), 9)")
     subprocess.run([sys.executable, "-c", code], timeout=60)
     lock = st.StudyLock(spec, "s/x")
@@ -196,8 +196,8 @@ def test_a_lost_trials_run_is_failed_and_its_params_queued_again(tmp_path, run_s
     """The worker's recovery, step by step on a journal: a RUNNING trial whose worker is dead
     ends FAIL, its MLflow run ends FAILED with the reason (even one its worker had already
     closed FINISHED: the study never got that value), and its params are queued again."""
-    from harness.study import load_study
-    from harness.worker import Worker
+    from harness.sweep.study import load_study
+    from harness.sweep.worker import Worker
     ws = tmp_path / "ws"
     spec, uri = local_stores(ws)
     lines: list[str] = []

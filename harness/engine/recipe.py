@@ -14,7 +14,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Fie
                       Tag, ValidationError, field_validator, model_validator)
 
 from harness.errors import HarnessError
-from harness.schedule import DEFAULT_MOMS
+from harness.engine.schedule import DEFAULT_MOMS
 
 
 def _no_bool(v: Any) -> Any:
@@ -87,7 +87,7 @@ class Stage(_Strict):
 
     def peak_lrs(self, n_groups: int) -> list[float]:
         """Peak LR per group, input -> output (fastai's slice semantics)."""
-        from harness.schedule import group_lrs
+        from harness.engine.schedule import group_lrs
         if isinstance(self.lr, LRSlice):
             return group_lrs(self.lr.min, self.lr.max, n_groups, sliced=True)
         return group_lrs(None, self.lr, n_groups, sliced=False)
@@ -120,9 +120,9 @@ class ModelConfig(_Strict):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
-        from harness.models import ARCHS, TIMM_PREFIX
+        from harness.engine.models import ARCHS, TIMM_PREFIX
         if v.startswith(TIMM_PREFIX):
-            from harness.timm_models import check_timm_arch
+            from harness.engine.timm_models import check_timm_arch
             check_timm_arch(v)
             return v
         if v not in ARCHS:
@@ -136,7 +136,7 @@ class ModelConfig(_Strict):
     @field_validator("groups")
     @classmethod
     def _groups_for_arch(cls, v: int, info) -> int:
-        from harness.models import TIMM_PREFIX
+        from harness.engine.models import TIMM_PREFIX
         arch = info.data.get("arch")
         if arch and not arch.startswith(TIMM_PREFIX) and v != 3:
             raise ValueError(f"{arch} has fastai's 3-group split; use arch {TIMM_PREFIX}{arch} for {v} groups")

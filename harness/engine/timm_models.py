@@ -32,9 +32,9 @@ import difflib
 import torch
 from torch import nn
 
-from harness.data import InputStats
+from harness.engine.data import InputStats
 from harness.errors import HarnessError
-from harness.models import TIMM_PREFIX, LayerGroups, Member, fastai_head, group_names, is_norm
+from harness.engine.models import TIMM_PREFIX, LayerGroups, Member, fastai_head, group_names, is_norm
 
 
 def timm_name(arch: str) -> str:
@@ -155,7 +155,7 @@ def _create(name: str, weights: str, image_size: int | None, **kwargs) -> nn.Mod
     if image_size and cfg is not None and cfg.fixed_input_size:   # ViT-like: position embeddings for this size
         kwargs["img_size"] = image_size
     if weights == "imagenet":
-        from harness.timm_weights import pretrained_net
+        from harness.engine.timm_weights import pretrained_net
         return pretrained_net(name, **kwargs)
     return timm.create_model(name, pretrained=False, **kwargs)
 

@@ -29,7 +29,7 @@ import torch
 import torchvision
 from torch import nn
 
-from harness.data import InputStats
+from harness.engine.data import InputStats
 from harness.errors import HarnessError
 
 # fastai's norm types, plus GroupNorm/RMSNorm (timm's NF-nets, GN EfficientNets, some ViTs):
@@ -190,7 +190,7 @@ def build_model(arch: str, n_classes: int, weights: str = "none", head: str = "f
     path), a new head for `n_classes`, cut into `groups` layer groups (timm: any number;
     torchvision: fastai's 3). timm models are checked on `image_size` input when given."""
     if arch.startswith(TIMM_PREFIX):
-        from harness.timm_models import build_timm
+        from harness.engine.timm_models import build_timm
         model = build_timm(arch, n_classes, weights, head, groups, image_size)
         if weights not in ("none", "imagenet"):
             load_body(model, weights)

@@ -12,9 +12,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from harness.errors import HarnessError
-from harness.recipe import Recipe, _did_you_mean, format_validation_error, read_yaml
-from harness.space import ParamSpec, baseline, check_space, enforce_order, parse_param
-from harness.strategies import STRATEGIES, defaults, stages_for
+from harness.engine.recipe import Recipe, _did_you_mean, format_validation_error, read_yaml
+from harness.sweep.space import ParamSpec, baseline, check_space, enforce_order, parse_param
+from harness.sweep.strategies import STRATEGIES, defaults, stages_for
 
 METRICS = {"val/accuracy": "maximize"}   # the final epoch's value; pruning reads it every epoch
 
@@ -65,7 +65,7 @@ class Study:
     @property
     def n_groups(self) -> int:
         """The base recipe's layer groups (gradual's stage count follows them)."""
-        from harness.recipe import ModelConfig
+        from harness.engine.recipe import ModelConfig
         return ModelConfig.model_validate(self.base.get("model") or {}).groups
 
     def baseline(self, strategy: str) -> dict[str, Any]:

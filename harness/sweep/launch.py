@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from harness.errors import HarnessError
-from harness.study import Study
+from harness.sweep.study import Study
 
 
 class WorkersFailed(HarnessError):

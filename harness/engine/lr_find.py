@@ -15,7 +15,7 @@ How this follows fastai 2.x, and where it had to choose:
 - beta1 is held constant. fastai builds a fresh Learner's optimizer with its Adam default
   `mom=0.9` and lr_find schedules only the LR, so the default here is `FASTAI_LR_FIND_MOM`
   (0.9), not the stage's one-cycle `moms[0]`; pass `mom=` to use another value. sqr_mom,
-  eps and weight decay come from the recipe (`harness.train.make_optimizer`). Stage K > 1
+  eps and weight decay come from the recipe (`harness.engine.train.make_optimizer`). Stage K > 1
   keeps 0.9 too (fastai, in the session that ran stage K-1, would keep the last scheduled
   beta1, about 0.95): one setting for every stage, so their curves compare.
 - `num_it` below 6 is raised to 6 (fastai's LRFinder does that), and fastai fits at most
@@ -49,12 +49,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from harness import data as data_mod
+from harness.engine import data as data_mod
 from harness.errors import HarnessError
-from harness.models import set_trainable
-from harness.recipe import Recipe
-from harness.stages import StageCheckpoint, StagesDidNotFinish, restore, states_after
-from harness.train import _autocast, _memory_format, make_optimizer, prepare
+from harness.engine.models import set_trainable
+from harness.engine.recipe import Recipe
+from harness.engine.stages import StageCheckpoint, StagesDidNotFinish, restore, states_after
+from harness.engine.train import _autocast, _memory_format, make_optimizer, prepare
 
 SMOOTH_BETA = 0.98          # fastai's AvgSmoothLoss
 DIVERGENCE_FACTOR = 4.0     # stop when smoothed loss > 4 x the best so far
@@ -357,7 +357,7 @@ def run_lr_find(recipe: Recipe, workspace: str | Path, plot_path: str | Path,
     before them are loaded or trained first, so a failure there records nothing."""
     from harness.report import lr_find_stages_figure, plt
     from harness.tracking import default_tracking_uri, mlflow_run
-    from harness.train import check_inputs
+    from harness.engine.train import check_inputs
 
     stages = chosen_stages(recipe, stage)
     check_inputs(recipe, workspace)
@@ -406,7 +406,7 @@ def centred_first_trials(study, workspace: str | Path, strategies: list[str] | N
 
 
 def _centred_trial(study, strategy: str, workspace: str | Path, echo) -> dict[str, Any]:
-    from harness.space import enforce_order
+    from harness.sweep.space import enforce_order
 
     first = study.baseline(strategy)
     recipe, space, moved = study.recipe_for(strategy, first), study.spaces[strategy], dict(first)

@@ -16,13 +16,13 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from harness import data as data_mod
+from harness.engine import data as data_mod
 from harness import interrupts
 from harness.errors import HarnessError
-from harness.models import TIMM_PREFIX, LayerGroups, build_model, param_groups, set_trainable
-from harness.recipe import Recipe, Stage
-from harness.schedule import one_cycle_lr, one_cycle_mom
-from harness.stages import StagePlan, capture, check_prefix, restore
+from harness.engine.models import TIMM_PREFIX, LayerGroups, build_model, param_groups, set_trainable
+from harness.engine.recipe import Recipe, Stage
+from harness.engine.schedule import one_cycle_lr, one_cycle_mom
+from harness.engine.stages import StagePlan, capture, check_prefix, restore
 
 
 class Tracker(Protocol):

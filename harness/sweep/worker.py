@@ -23,9 +23,9 @@ import optuna
 from optuna.trial import TrialState
 
 from harness import interrupts
-from harness import storage as st
-from harness.study import Study
-from harness.sweep import PARENT_ATTR, _objective, _Progress, count_trials, make_pruner, make_sampler, summarize_parent
+from harness.sweep import storage as st
+from harness.sweep.study import Study
+from harness.sweep.sweep import PARENT_ATTR, _objective, _Progress, count_trials, make_pruner, make_sampler, summarize_parent
 
 RETRIES = 3
 POLL_S = 2.0

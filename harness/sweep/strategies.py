@@ -8,7 +8,7 @@ import inspect
 from typing import Callable
 
 from harness.errors import HarnessError
-from harness.recipe import Stage
+from harness.engine.recipe import Stage
 
 
 def naive(epochs: int, lr: float = 1e-3, pct_start: float = 0.25) -> list[Stage]:

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from harness.errors import HarnessError
-from harness.recipe import Recipe
+from harness.engine.recipe import Recipe
 
 if TYPE_CHECKING:
-    from harness.train import Prepared
+    from harness.engine.train import Prepared
 
 STAGE_FORMAT = "finetune-harness-stage/1"
 
@@ -208,5 +208,5 @@ def states_after(recipe: Recipe, ks: list[int], workspace: str | Path = "workspa
 
 
 def _train(recipe: Recipe, plan: StagePlan, workspace: str | Path, device: str | None):
-    from harness.train import fine_tune
+    from harness.engine.train import fine_tune
     return fine_tune(recipe, workspace=workspace, device=device, evaluate_test=False, plan=plan)

@@ -15,8 +15,8 @@ from typing import Any, Callable
 import optuna
 
 from harness.errors import HarnessError, redact
-from harness.space import suggest
-from harness.study import Study
+from harness.sweep.space import suggest
+from harness.sweep.study import Study
 
 PARENT_ATTR = "mlflow_parent_run_id"
 
@@ -44,7 +44,7 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
 
 def load_ostudy(study: Study, strategy: str, spec: str) -> optuna.Study | None:
     """The strategy's Optuna study, or None when it was never started."""
-    from harness import storage
+    from harness.sweep import storage
     if not storage.exists(spec):
         return None  # nothing swept yet; looking must not create a store
     try:
@@ -103,7 +103,7 @@ def run_sweep(study: Study, workspace: str | Path, strategies: list[str] | None 
     process (one worker) or in `workers` worker processes.
 
     `centre` optionally replaces a strategy's first trial (e.g. from lr-find)."""
-    from harness import launch
+    from harness.sweep import launch
 
     strategies, n_trials = _chosen(study, strategies, trials)
     envs = launch.worker_envs(study, workers, workers_per_gpu)
@@ -127,10 +127,10 @@ def join(study: Study, workspace: str | Path, strategies: list[str], n_trials: i
          name: str = "", seed_offset: int = 0, echo: Callable[[str], None] = print):
     """Everything checked before any store is written (data and weights, the Optuna store
     reachable, the tracking store writable), then a Worker for this process."""
-    from harness import storage as st
+    from harness.sweep import storage as st
     from harness.tracking import default_tracking_uri, probe_tracking
-    from harness.train import check_inputs
-    from harness.worker import Worker
+    from harness.engine.train import check_inputs
+    from harness.sweep.worker import Worker
 
     # the data and weights are the same for every trial
     check_inputs(study.recipe_for(strategies[0], study.baseline(strategies[0])), workspace)

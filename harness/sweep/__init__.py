@@ -1,0 +1,1 @@
+"""Sweeps: strategies as data, their search spaces, Optuna studies worked off by workers."""

@@ -44,7 +44,7 @@ from torch import nn  # noqa: E402
 from harness.engine import data as data_mod  # noqa: E402
 from harness.engine.recipe import Recipe  # noqa: E402
 from harness.engine.train import make_optimizer, prepare  # noqa: E402
-from harness.engine.models import set_trainable  # noqa: E402
+from harness.engine.groups import set_trainable
 
 GB = 1e9
 MIB = 2 ** 20

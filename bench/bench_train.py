@@ -39,7 +39,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from harness.engine import data as data_mod  # noqa: E402
-from harness.engine.models import TIMM_PREFIX, build_model, param_groups, set_trainable  # noqa: E402
+from harness.engine.groups import TIMM_PREFIX, param_groups, set_trainable
+from harness.engine.models import build_model
 from harness.engine.recipe import Recipe  # noqa: E402
 from harness.engine.train import NullTracker, fine_tune, resolve_device  # noqa: E402
 
@@ -246,12 +247,12 @@ def parity_check(ds: data_mod.Dataset, recipe: Recipe, device: torch.device, wor
 
 def mlflow_store(tmp: Path) -> str:
     """A fresh SQLite store; created (schema migrations) before any clock runs."""
-    from harness.tracking import get_experiment_id, make_client
+    from harness.tracking import Tracking
     importlib.import_module("mlflow")   # it configures its loggers on import; quiet them afterwards
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    get_experiment_id(make_client(uri), "bench", tmp / "artifacts")
+    Tracking(uri, tmp).experiment_id("bench")   # artifacts under tmp/artifacts
     return uri
 
 
@@ -267,8 +268,8 @@ def without_mlflow(ds, recipe, workspace: Path) -> tuple[float, float]:
 def with_mlflow(ds, recipe, uri: str, workspace: Path, name: str) -> tuple[float, float]:
     """fine_tune logging to a live run; the clock stops once every metric is in the store
     (tracker.flush). Opening and closing the run are outside the clock (see end_to_end)."""
-    from harness.tracking import mlflow_run
-    with mlflow_run(uri, "bench", name, workspace) as tracker, serving(ds):
+    from harness.tracking import Tracking
+    with Tracking(uri, workspace).run("bench", name) as tracker, serving(ds):
         t0, c0 = time.perf_counter(), time.process_time()
         result = fine_tune(recipe, tracker, workspace=workspace)
         tracker.flush()
@@ -280,9 +281,10 @@ def with_mlflow(ds, recipe, uri: str, workspace: Path, name: str) -> tuple[float
 def end_to_end(ds, recipe, uri: str, workspace: Path, name: str) -> tuple[float, float]:
     """What `harness train` does: open the run, tracked_fine_tune (params, recipe YAML,
     per-step curves, LR plot), close the run. Informational: it adds fixed per-run costs."""
-    from harness.tracking import mlflow_run, tracked_fine_tune
+    from harness.jobs import tracked_fine_tune
+    from harness.tracking import Tracking
     t0, c0 = time.perf_counter(), time.process_time()
-    with mlflow_run(uri, "bench", name, workspace) as tracker, serving(ds):
+    with Tracking(uri, workspace).run("bench", name) as tracker, serving(ds):
         result = tracked_fine_tune(recipe, tracker, workspace=workspace)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert result.ok, result.status
@@ -294,8 +296,8 @@ def logging_only(uri: str, workspace: Path, name: str, group_names: list[str], s
     """Seconds to hand a live run what fine_tune hands it in one run (per epoch: one log_steps
     with the loss and each group's LR and momentum per step, one log_epoch) and wait until it
     is stored: the logging work alone, with no training to hide it behind."""
-    from harness.tracking import mlflow_run
-    with mlflow_run(uri, "bench", name, workspace) as tracker:
+    from harness.tracking import Tracking
+    with Tracking(uri, workspace).run("bench", name) as tracker:
         t0 = time.perf_counter()
         for e in range(epochs):
             first = e * steps_per_epoch

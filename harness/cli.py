@@ -38,18 +38,6 @@ def _fail_cleanly(fn):
     return wrapper
 
 
-def _workspace(path: str) -> Path:
-    ws = Path(path)
-    try:
-        ws.mkdir(parents=True, exist_ok=True)
-        probe = ws / ".write-test"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise HarnessError(f"--workspace: cannot write to {ws} ({e.strerror or e.__class__.__name__})") from None
-    return ws
-
-
 def _recipe(path: str, device: str | None):
     """The recipe at `path`, with --device applied when given."""
     from harness.engine.recipe import Recipe
@@ -57,10 +45,34 @@ def _recipe(path: str, device: str | None):
     return recipe.replace(device=device) if device else recipe
 
 
+def store_options(heartbeat: bool = False):
+    """--workspace, --storage, --tracking-uri (and, for the commands that run trials,
+    --heartbeat) on a command, resolved once into its `stores` argument (harness/stores.py).
+    Every command takes them all; a command ignores the stores it does not use."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def command(*args, workspace, storage, tracking_uri, **kwargs):
+            from harness.stores import Stores
+            beat = kwargs.pop("heartbeat") if heartbeat else 30
+            return fn(*args, stores=Stores.resolve(workspace, storage, tracking_uri, beat), **kwargs)
+        for option in reversed([workspace_opt, storage_opt, tracking_opt] + ([heartbeat_opt] if heartbeat else [])):
+            command = option(command)
+        return command
+    return decorate
+
+
 workspace_opt = click.option("--workspace", default="workspace", show_default=True,
-                             help="Folder for caches, checkpoints, mlflow.db and artifacts.")
+                             help="Folder for caches, checkpoints, mlflow.db, optuna.journal and artifacts.")
+storage_opt = click.option("--storage", default=None,
+                           help="Optuna storage: a journal file, sqlite:///FILE (one worker) or postgresql://... "
+                                "(default: HARNESS_STORAGE, else WORKSPACE/optuna.journal). Put a password in "
+                                "HARNESS_STORAGE or ~/.pgpass, not on the command line.")
 tracking_opt = click.option("--tracking-uri", default=None,
                             help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the workspace's SQLite).")
+heartbeat_opt = click.option("--heartbeat", type=click.IntRange(min=1), default=30, show_default=True,
+                             envvar="HARNESS_HEARTBEAT",
+                             help="PostgreSQL: seconds between a trial's heartbeats; a trial silent for twice "
+                                  "this is failed and run again.")
 device_opt = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
                           help="Override the recipe's device.")
 
@@ -113,35 +125,25 @@ def _one_line_thread_errors() -> None:
 
 @main.command()
 @click.argument("recipe_path", metavar="RECIPE.yaml")
-@workspace_opt
-@tracking_opt
+@store_options()
 @device_opt
 @click.option("--experiment", default="harness-train", show_default=True, help="MLflow experiment name.")
 @click.option("--save-stages", is_flag=True,
               help="Keep the model after every stage (WORKSPACE/checkpoints/stages/, and as MLflow artifacts): "
                    "`harness lr-find --stage K` starts from it.")
 @_fail_cleanly
-def train(recipe_path, workspace, tracking_uri, device, experiment, save_stages):
+def train(recipe_path, stores, device, experiment, save_stages):
     """Fine-tune once as RECIPE.yaml says, logging the run to MLflow."""
+    from harness import jobs
     from harness.report import summary_table
-    from harness.engine.stages import StagePlan, saver, stage_path
-    from harness.tracking import default_tracking_uri, mlflow_run, tracked_fine_tune
-    from harness.engine.train import check_inputs
 
     recipe = _recipe(recipe_path, device)
-    ws = _workspace(workspace)
-    check_inputs(recipe, ws)
-    uri = default_tracking_uri(ws, tracking_uri)
-    with mlflow_run(uri, experiment, Path(recipe_path).stem, ws,
-                    tags={"harness.kind": "train"}) as tracker:
-        plan = StagePlan(on_stage=saver(ws, recipe, tracker)) if save_stages else None
-        result = tracked_fine_tune(recipe, tracker, ws, progress=True, plan=plan)
-    click.echo(summary_table(result))
-    for k in range(1, len(recipe.stages) + 1) if save_stages else ():
-        if stage_path(ws, recipe, k).is_file():
-            click.echo(f"stage {k} checkpoint: {stage_path(ws, recipe, k)}")
-    click.echo(f"mlflow run {tracker.run_id} in experiment '{experiment}' ({uri})")
-    if not result.ok:
+    run = jobs.train(recipe, stores.ready(), Path(recipe_path).stem, experiment, save_stages, progress=True)
+    click.echo(summary_table(run.result))
+    for k, path in enumerate(run.stage_files, start=1):
+        click.echo(f"stage {k} checkpoint: {path}")
+    click.echo(f"mlflow run {run.run_id} in experiment '{experiment}' ({stores.tracking_uri})")
+    if not run.result.ok:
         sys.exit(1)
 
 
@@ -150,35 +152,26 @@ def train(recipe_path, workspace, tracking_uri, device, experiment, save_stages)
 @click.option("-o", "--output", default=None,
               help="Checkpoint path (default: WORKSPACE/checkpoints/<recipe name>.pt).")
 @click.option("--force", is_flag=True, help="Overwrite a checkpoint made from another recipe.")
-@workspace_opt
-@tracking_opt
+@store_options()
 @device_opt
 @_fail_cleanly
-def pretrain(recipe_path, output, force, workspace, tracking_uri, device):
+def pretrain(recipe_path, output, force, stores, device):
     """Pretrain a backbone as RECIPE.yaml says and save it (skipped if already done)."""
-    from harness.pretrain import pretrain as run_pretrain
+    from harness import jobs
 
     recipe = _recipe(recipe_path, device)
-    ws = _workspace(workspace)
-    out = Path(output) if output else ws / "checkpoints" / f"{Path(recipe_path).stem}.pt"
-    meta = run_pretrain(recipe, out, ws, tracking_uri, force=force, progress=True)
+    stores.ready()
+    out = Path(output) if output else stores.checkpoint(Path(recipe_path).stem)
+    meta = jobs.pretrain(recipe, stores, out, force=force, progress=True)
     verb = "reused" if meta["reused"] else "saved"
     click.echo(f"{verb} {out}: {meta['arch']} pretrained on {', '.join(meta['source_classes'])}; "
                f"val accuracy {meta['val_accuracy']:.4f}, test accuracy {meta['test_accuracy']:.4f}")
 
 
-storage_opt = click.option("--storage", default=None,
-                           help="Optuna storage: a journal file, sqlite:///FILE (one worker) or postgresql://... "
-                                "(default: HARNESS_STORAGE, else WORKSPACE/optuna.journal). Put a password in "
-                                "HARNESS_STORAGE or ~/.pgpass, not on the command line.")
 strategy_opt = click.option("--strategy", "strategies", multiple=True,
                             help="Only this strategy (repeatable; default all).")
 trials_opt = click.option("--trials", type=click.IntRange(min=1), default=None,
                           help="Trials per strategy (overrides the study).")
-heartbeat_opt = click.option("--heartbeat", type=click.IntRange(min=1), default=30, show_default=True,
-                             envvar="HARNESS_HEARTBEAT",
-                             help="PostgreSQL: seconds between a trial's heartbeats; a trial silent for twice "
-                                  "this is failed and run again.")
 
 
 def _interruptible() -> None:
@@ -197,42 +190,36 @@ def _interruptible() -> None:
               help="Worker processes on this machine (default: one per GPU, or 1 on a CPU).")
 @click.option("--workers-per-gpu", type=click.IntRange(min=1), default=1, show_default=True,
               help="Workers sharing each GPU.")
-@heartbeat_opt
-@workspace_opt
-@storage_opt
-@tracking_opt
+@store_options(heartbeat=True)
 @_fail_cleanly
-def sweep(study_path, strategies, trials, use_lr_find, workers, workers_per_gpu, heartbeat, workspace,
-          storage, tracking_uri):
+def sweep(study_path, strategies, trials, use_lr_find, workers, workers_per_gpu, stores):
     """Run (or resume) an Optuna study per strategy; every trial is a tracked fine-tune."""
     from harness.results import format_status, status_rows
+    from harness.sweep.launch import Launch
     from harness.sweep.study import load_study
     from harness.sweep.sweep import run_sweep
 
     study = load_study(study_path)
-    ws = _workspace(workspace)
+    selection = study.select(strategies, trials)
+    stores.ready()
     _interruptible()
     centre = None
     if use_lr_find:
-        from harness.engine.lr_find import centred_first_trials
-        centre = centred_first_trials(study, ws, list(strategies) or None, echo=click.echo)
-    run_sweep(study, ws, list(strategies) or None, trials, storage, tracking_uri, centre=centre,
-              workers=workers, workers_per_gpu=workers_per_gpu, heartbeat=heartbeat, echo=click.echo)
-    click.echo(format_status(study, status_rows(study, ws, storage), trials))
+        from harness.sweep.centre import centred_first_trials
+        centre = centred_first_trials(study, stores.workspace, list(selection.strategies), echo=click.echo)
+    run_sweep(study, stores, selection, Launch(workers, workers_per_gpu), centre=centre, echo=click.echo)
+    click.echo(format_status(study, status_rows(study, stores), trials))
 
 
 @main.command()
 @click.argument("study_path", metavar="STUDY.yaml")
 @strategy_opt
 @trials_opt
-@heartbeat_opt
 @click.option("--name", default="", help="A name for this worker's output lines and MLflow runs.")
 @click.option("--seed-offset", type=int, default=None, hidden=True)
-@workspace_opt
-@storage_opt
-@tracking_opt
+@store_options(heartbeat=True)
 @_fail_cleanly
-def worker(study_path, strategies, trials, heartbeat, name, seed_offset, workspace, storage, tracking_uri):
+def worker(study_path, strategies, trials, name, seed_offset, stores):
     """Join the study's sweep and run trials until every strategy has its trials.
 
     What every machine of a distributed sweep runs, with --storage postgresql://... (or
@@ -240,68 +227,64 @@ def worker(study_path, strategies, trials, heartbeat, name, seed_offset, workspa
     import os
 
     from harness.sweep.study import load_study
-    from harness.sweep.sweep import _chosen, join
+    from harness.sweep.sweep import check_stores
+    from harness.sweep.worker import Worker
 
     study = load_study(study_path)
-    ws = _workspace(workspace)
+    selection = study.select(strategies, trials)
+    stores.ready()
     _interruptible()
-    chosen, n_trials = _chosen(study, list(strategies) or None, trials)
+    check_stores(study, stores, selection, workers=2)
     offset = seed_offset if seed_offset is not None else os.getpid()
-    w = join(study, ws, chosen, n_trials, storage, tracking_uri, heartbeat, workers=2, name=name,
-             seed_offset=offset, echo=click.echo)
+    w = Worker(study, stores, selection, name=name, seed_offset=offset, echo=click.echo)
     w.prepare()
     w.run()
-    click.echo(f"{name or 'worker'}: every strategy has its {n_trials} trials")
+    click.echo(f"{name or 'worker'}: every strategy has its {selection.trials} trials")
 
 
 @main.command()
 @click.argument("study_path", metavar="STUDY.yaml")
-@workspace_opt
-@storage_opt
+@store_options()
 @_fail_cleanly
-def status(study_path, workspace, storage):
+def status(study_path, stores):
     """Trials done / pruned / failed / running and the best point of each strategy."""
     from harness.results import format_status, status_rows
     from harness.sweep.study import load_study
 
     study = load_study(study_path)
-    click.echo(format_status(study, status_rows(study, workspace, storage)))
+    click.echo(format_status(study, status_rows(study, stores)))
 
 
 @main.command()
 @click.argument("study_path", metavar="STUDY.yaml")
 @click.option("--strategy", default=None, help="Export this strategy's best (default: the best strategy).")
 @click.option("-o", "--output", default=None, help="Recipe file to write (default: WORKSPACE/exports/<study>-<strategy>.yaml).")
-@workspace_opt
-@storage_opt
+@store_options()
 @_fail_cleanly
-def export(study_path, strategy, output, workspace, storage):
+def export(study_path, strategy, output, stores):
     """Write the best trial's complete recipe; `harness train` replays it."""
     from harness.results import export_best
     from harness.sweep.study import load_study
 
     study = load_study(study_path)
-    path, strat, trial = export_best(study, workspace, storage, strategy, output)
+    path, strat, trial = export_best(study, stores, strategy, output)
     click.echo(f"wrote {path}: {strat} trial {trial.number}, {study.config.metric} {trial.value:.4f}")
 
 
 @main.command()
 @click.argument("study_path", metavar="STUDY.yaml")
 @click.option("--seeds", type=click.IntRange(min=1), default=None, help="Seeds per strategy (default: the study's compare.seeds).")
-@workspace_opt
-@storage_opt
-@tracking_opt
+@store_options()
 @_fail_cleanly
-def compare(study_path, seeds, workspace, storage, tracking_uri):
+def compare(study_path, seeds, stores):
     """Re-run each strategy's best recipe over K seeds and score it on the held-out test split."""
     from harness.results import compare as run_compare
     from harness.results import comparison_table, markdown_table, save_comparison
     from harness.sweep.study import load_study
 
     study = load_study(study_path)
-    ws = _workspace(workspace)
-    cmp = run_compare(study, ws, storage, seeds, echo=click.echo)
-    out = save_comparison(study, cmp, ws, tracking_uri)
+    cmp = run_compare(study, stores.ready(), seeds, echo=click.echo)
+    out = save_comparison(study, cmp, stores)
     click.echo(markdown_table(comparison_table(cmp)))
     click.echo(cmp.verdict())
     click.echo(f"saved {out}/compare.csv, compare.md, compare.png")
@@ -309,14 +292,14 @@ def compare(study_path, seeds, workspace, storage, tracking_uri):
 
 @main.command()
 @click.argument("recipe_path", metavar="RECIPE.yaml")
-@workspace_opt
+@store_options()
 @_fail_cleanly
-def groups(recipe_path, workspace):
+def groups(recipe_path, stores):
     """Print the model's layer groups: name, parameter count, modules (a study file: its recipe)."""
-    from harness.report import groups_table
     from harness.engine.train import layer_groups
+    from harness.report import groups_table
 
-    click.echo(groups_table(layer_groups(_recipe_or_study_base(recipe_path), _workspace(workspace))))
+    click.echo(groups_table(layer_groups(_recipe_or_study_base(recipe_path), stores.ready().workspace)))
 
 
 def _recipe_or_study_base(path: str):
@@ -335,22 +318,20 @@ def _recipe_or_study_base(path: str):
                    "`train --save-stages` checkpoint, or trained), or 'all': every stage in one picture.")
 @click.option("-o", "--output", default=None,
               help="PNG plot path (default: WORKSPACE/reports/lr_find-<recipe>[-stageK|-stages].png).")
-@workspace_opt
-@tracking_opt
+@store_options()
 @device_opt
 @_fail_cleanly
-def lr_find_cmd(recipe_path, stage, output, workspace, tracking_uri, device):
+def lr_find_cmd(recipe_path, stage, output, stores, device):
     """fastai's LR range test on a stage of the recipe: plot and suggestions."""
-    from harness.engine.lr_find import chosen_stages, run_lr_find
+    from harness import jobs
+    from harness.engine.lr_find import chosen_stages
 
     recipe = _recipe(recipe_path, device)
     stages = chosen_stages(recipe, stage)   # a bad --stage is refused before anything is written
     which = "all" if stage == "all" else stages[0]
-    ws = _workspace(workspace)
-    suffix = "-stages" if which == "all" else ("" if which == 1 else f"-stage{which}")
-    out = Path(output) if output else ws / "reports" / f"lr_find-{Path(recipe_path).stem}{suffix}.png"
-    results = run_lr_find(recipe, ws, out, tracking_uri, stage=which)
-    for r in results:
+    stores.ready()
+    out = Path(output) if output else stores.lr_find_plot(Path(recipe_path).stem, which)
+    for r in jobs.lr_find(recipe, stores, out, stage=which):
         origin = {"": "", "trained": ", the stages before it trained first"}.get(r.start, f", from {r.start}")
         click.echo(f"stage {r.stage} (trains {r.train}{origin}):")
         for name, value in r.suggestions.items():
@@ -361,15 +342,13 @@ def lr_find_cmd(recipe_path, stage, output, workspace, tracking_uri, device):
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it to the network).")
 @click.option("--port", type=int, default=5000, show_default=True)
-@workspace_opt
-@tracking_opt
+@store_options()
 @_fail_cleanly
-def ui(host, port, workspace, tracking_uri):
+def ui(host, port, stores):
     """The MLflow UI on the workspace's tracking store."""
-    from harness.tracking import default_tracking_uri
     from harness.ui import serve_ui
 
-    serve_ui(default_tracking_uri(workspace, tracking_uri), host, port)
+    serve_ui(stores.tracking_uri, host, port)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def compare_figure(cmp) -> plt.Figure:
 def groups_table(model) -> str:
     """Each layer group's name, parameter count and modules, input -> output, the way timm
     dumps a group assignment."""
-    from harness.engine.models import describe_groups
+    from harness.engine.groups import describe_groups
     rows = describe_groups(model)
     total = sum(r["parameters"] for r in rows)
     width = max(len(r["group"]) for r in rows + [{"group": "group"}])
@@ -118,7 +118,6 @@ def groups_table(model) -> str:
     for r in rows:
         lines.append(f"{r['group']:<{width}}  {r['parameters']:>12,}  {' | '.join(r['modules'])}")
     return "\n".join(lines)
-
 
 
 SUGGESTION_COLORS = {"valley": "C1", "steep": "C2", "minimum": "C3"}
@@ -147,6 +146,14 @@ def lr_find_panel(ax, result, title: str = "") -> None:
         ax.legend(loc="best")
     suffix = ", stopped early: the loss diverged" if result.stopped_early else ""
     ax.set_title(title or f"LR finder: {n} steps{suffix}")
+
+
+def lr_find_figure(result, title: str = "") -> plt.Figure:
+    """One stage's LR-finder curve, its suggestions labelled points on it."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lr_find_panel(ax, result, title)
+    fig.tight_layout()
+    return fig
 
 
 def lr_find_stages_figure(results) -> plt.Figure:

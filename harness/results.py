@@ -9,17 +9,17 @@ from typing import Any, Callable
 import optuna
 import yaml
 
-from harness.errors import HarnessError
 from harness.engine.recipe import Recipe
+from harness.errors import HarnessError
+from harness.stores import Stores
+from harness.sweep.ostudies import best_trial, count_trials, load_ostudy
 from harness.sweep.space import on_boundary
 from harness.sweep.study import Study
-from harness.sweep.storage import resolve as storage_url
-from harness.sweep.sweep import best_trial, count_trials, load_ostudy
 
 
-def status_rows(study: Study, workspace: str | Path, storage: str | None = None) -> list[dict[str, Any]]:
+def status_rows(study: Study, stores: Stores) -> list[dict[str, Any]]:
     """One row per strategy: trial counts, best value and params, params on a range edge."""
-    url = storage_url(workspace, storage)
+    url = stores.storage
     rows = []
     for strategy in study.strategies:
         ostudy = load_ostudy(study, strategy, url)
@@ -56,10 +56,9 @@ def format_status(study: Study, rows: list[dict[str, Any]], trials: int | None =
     return "\n".join(lines)
 
 
-def best_of(study: Study, workspace, storage: str | None, strategy: str | None = None
-            ) -> tuple[str, optuna.trial.FrozenTrial]:
+def best_of(study: Study, stores: Stores, strategy: str | None = None) -> tuple[str, optuna.trial.FrozenTrial]:
     """(strategy, best trial) of one strategy, or of the best strategy overall."""
-    url = storage_url(workspace, storage)
+    url = stores.storage
     candidates = [strategy] if strategy else study.strategies
     if strategy and strategy not in study.spaces:
         raise HarnessError(f"--strategy: '{strategy}' is not in the study (it has: {', '.join(study.strategies)})")
@@ -80,12 +79,12 @@ def trial_recipe(trial: optuna.trial.FrozenTrial) -> Recipe:
     return Recipe.from_dict(yaml.safe_load(trial.user_attrs["recipe"]), source=f"trial {trial.number}")
 
 
-def export_best(study: Study, workspace, storage: str | None = None, strategy: str | None = None,
+def export_best(study: Study, stores: Stores, strategy: str | None = None,
                 output: str | Path | None = None) -> tuple[Path, str, optuna.trial.FrozenTrial]:
     """Write the best trial's complete recipe; `harness train` on it replays the trial."""
-    strategy, trial = best_of(study, workspace, storage, strategy)
+    strategy, trial = best_of(study, stores, strategy)
     recipe = trial_recipe(trial)
-    path = Path(output) if output else Path(workspace) / "exports" / f"{study.name}-{strategy}.yaml"
+    path = Path(output) if output else stores.export(study.name, strategy)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = (f"# Best recipe of study '{study.name}', strategy {strategy}, trial {trial.number}: "
               f"{study.config.metric} = {trial.value:.6f}\n"
@@ -148,12 +147,12 @@ class Comparison:
                 f"(paired t-test over {len(self.rows[0].test)} seeds, p = {self.p_value:.3g}).")
 
 
-def compare(study: Study, workspace, storage: str | None = None, seeds: int | None = None,
+def compare(study: Study, stores: Stores, seeds: int | None = None,
             echo: Callable[[str], None] = print) -> Comparison:
     """Re-run each strategy's best recipe with seeds 0..K-1 and score it on the test split."""
     from harness.engine.train import fine_tune
 
-    url = storage_url(workspace, storage)
+    url, workspace = stores.storage, stores.workspace
     k = seeds or study.config.compare.seeds
     rows = []
     for strategy in study.strategies:
@@ -207,15 +206,15 @@ def markdown_table(df) -> str:
     return "\n".join([head, sep, *body])
 
 
-def save_comparison(study: Study, cmp: Comparison, workspace, tracking_uri: str | None = None) -> Path:
+def save_comparison(study: Study, cmp: Comparison, stores: Stores) -> Path:
     """Write compare.csv / compare.md / compare.png under WORKSPACE/reports/<study>/ and log
     them, with one metric per strategy and seed, to a `compare` run in the study's experiment."""
     import matplotlib.pyplot as plt
 
     from harness.report import compare_figure
-    from harness.tracking import default_tracking_uri, mlflow_run
+    from harness.tracking import Tracking
 
-    out = Path(workspace) / "reports" / study.name
+    out = stores.reports(study.name)
     out.mkdir(parents=True, exist_ok=True)
     df = comparison_table(cmp)
     df.to_csv(out / "compare.csv", index=False)
@@ -223,9 +222,8 @@ def save_comparison(study: Study, cmp: Comparison, workspace, tracking_uri: str 
                                     f"{markdown_table(df)}\n\n{cmp.verdict()}\n")
     fig = compare_figure(cmp)
     fig.savefig(out / "compare.png", dpi=110)
-    uri = default_tracking_uri(workspace, tracking_uri)
-    with mlflow_run(uri, study.name, "compare", workspace, tags={"harness.kind": "compare",
-                                                                 "winner": cmp.winner}) as run:
+    tracking = Tracking(stores.tracking_uri, stores.workspace)
+    with tracking.run(study.name, "compare", tags={"harness.kind": "compare", "winner": cmp.winner}) as run:
         for r in cmp.rows:
             run.log_steps(0, {f"test_accuracy/{r.strategy}": r.test})
             run.log_epoch(0, {f"test_accuracy_mean/{r.strategy}": r.mean})

@@ -1,16 +1,19 @@
-"""MLflow tracking: one run per fine-tune, metrics sent in batches off the training thread.
+"""MLflow, all of it: the tracker that logs one run, and every way a run starts and ends.
 
-The tracker talks to `MlflowClient` with explicit run ids (never the thread-local active
-run), so workers and threads can log children under a parent they were handed.
+Runs are addressed by id through `MlflowClient` (never the thread-local active run), so
+workers and threads log children under a parent they were handed. Every change of a run's
+state is a method of `Tracking`: start (a run, or a child of a parent), reopen, finish,
+fail, kill, abandon (a sweep's parent left early) and lose (a trial whose worker died).
+Metric batches go through one background thread so the training loop never waits on the store.
 """
 from __future__ import annotations
 
 import errno
-import os
 import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,33 +23,11 @@ BATCH = 1000        # MLflow's limit of metrics per log_batch request
 PARAM_BATCH = 100   # ... and of params
 
 
-def store_url(workspace: str | Path, explicit: str | None, env_var: str, filename: str) -> str:
-    """A store's URL: the option given, else the environment variable, else a SQLite file
-    in the workspace (nothing to start on one machine)."""
-    if explicit:
-        return explicit
-    if os.environ.get(env_var):
-        return os.environ[env_var]
-    return f"sqlite:///{Path(workspace).resolve() / filename}"
-
-
-def default_tracking_uri(workspace: str | Path, explicit: str | None = None) -> str:
-    """--tracking-uri, else MLFLOW_TRACKING_URI, else the workspace's mlflow.db."""
-    return store_url(workspace, explicit, "MLFLOW_TRACKING_URI", "mlflow.db")
-
-
-def flatten(d: Any, prefix: str = "") -> dict[str, str]:
-    """{'a': {'b': 1}, 'l': [x, y]} -> {'a.b': '1', 'l.0': ...}; lists of scalars stay whole."""
-    out: dict[str, str] = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-    elif isinstance(d, list) and any(isinstance(v, (dict, list)) for v in d):
-        for i, v in enumerate(d):
-            out.update(flatten(v, f"{prefix}{i}."))
-    else:
-        out[prefix.rstrip(".")] = str(d)
-    return out
+@dataclass(frozen=True)
+class RunEnd:
+    """How a run ends: FINISHED, FAILED or KILLED, with the reason (tag `harness.reason`)."""
+    status: str = "FINISHED"
+    reason: str | None = None
 
 
 class MlflowTracker:
@@ -56,8 +37,13 @@ class MlflowTracker:
     def __init__(self, client, run_id: str):
         self.client = client
         self.run_id = run_id
+        self.end = RunEnd()    # how `Tracking.run` ends the run; the body may decide otherwise
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-log")
         self._pending: list[Future] = []
+
+    def end_as(self, status: str, reason: str) -> None:
+        """End the run FAILED or KILLED with `reason` (a diverged fine-tune, a pruned trial)."""
+        self.end = RunEnd(status, reason)
 
     # --- the Tracker protocol used by fine_tune ------------------------------------------
     def log_steps(self, first_step: int, series: dict[str, list[float]]) -> None:
@@ -120,22 +106,6 @@ class MlflowTracker:
             self._pending.append(self._pool.submit(self.client.log_batch, self.run_id, metrics=chunk))
 
 
-def get_experiment_id(client, name: str, artifact_root: Path | None) -> str:
-    """The experiment's id, created (with artifacts under `artifact_root`) if missing."""
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = (artifact_root / name).resolve().as_uri() if artifact_root else None
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:
-        # another worker created it between our look-up and create
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
-
-
 def make_client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
     try:
@@ -144,126 +114,154 @@ def make_client(tracking_uri: str):
         raise HarnessError(f"tracking URI {redact(tracking_uri)}: cannot open ({reason(e)})") from None
 
 
-def local_artifact_root(tracking_uri: str, workspace: str | Path) -> Path | None:
-    """Where a local (SQLite) store's runs keep their artifacts: WORKSPACE/artifacts; None
-    for a server, which chooses."""
-    return Path(workspace) / "artifacts" if tracking_uri.startswith("sqlite:") else None
+class Tracking:
+    """One tracking store: its URI, and the workspace where a local (SQLite) store keeps the
+    runs' artifacts (WORKSPACE/artifacts; a server chooses its own)."""
 
+    def __init__(self, uri: str, workspace: str | Path):
+        self.uri, self.workspace = uri, Path(workspace)
+        self._client = None
 
-def open_run(client, tracking_uri: str, experiment: str, run_name: str, workspace: str | Path,
-             parent_run_id: str | None = None, tags: dict | None = None, resume_run_id: str | None = None):
-    """Create a run (a child of `parent_run_id` when given), or reopen `resume_run_id`."""
-    artifact_root = local_artifact_root(tracking_uri, workspace)
-    try:
-        if resume_run_id:
-            client.update_run(resume_run_id, status="RUNNING")
-            return client.get_run(resume_run_id)
-        exp_id = get_experiment_id(client, experiment, artifact_root)
-        all_tags = {k: str(v) for k, v in (tags or {}).items()}   # a server takes strings only
-        if parent_run_id:
-            all_tags["mlflow.parentRunId"] = parent_run_id
-        return client.create_run(exp_id, run_name=run_name, tags=all_tags)
-    except HarnessError:
-        raise
-    except Exception as e:
-        raise HarnessError(f"tracking URI {redact(tracking_uri)}: cannot create a run ({reason(e)})") from None
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = make_client(self.uri)
+        return self._client
 
+    @property
+    def artifact_root(self) -> Path | None:
+        return self.workspace / "artifacts" if self.uri.startswith("sqlite:") else None
 
-def probe_tracking(tracking_uri: str, experiment: str, workspace: str | Path) -> None:
-    """Can we write there? Checked before any other store is touched: the experiment is
-    created (or tagged, if it exists), which a read-only or unreachable store refuses."""
-    if tracking_uri.startswith(("http://", "https://")):
-        import urllib.error
-        import urllib.request
+    def experiment_id(self, name: str) -> str:
+        """The experiment's id, created (with artifacts under the artifact root) if missing."""
+        client, root = self.client, self.artifact_root
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = (root / name).resolve().as_uri() if root else None
         try:
-            urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=10).close()
-        except urllib.error.HTTPError:
-            pass   # it answers: whether it takes writes is checked below
-        except Exception as e:
-            raise HarnessError(f"tracking URI {redact(tracking_uri)}: cannot reach the server ({reason(e)})") from None
-    import logging
-    client = make_client(tracking_uri)
-    artifact_root = local_artifact_root(tracking_uri, workspace)
-    log = logging.getLogger("mlflow")
-    level, log.level = log.level, logging.CRITICAL   # a refused write is logged with a traceback
-    try:
-        for attempt in range(3):
+            return client.create_experiment(name, artifact_location=location)
+        except Exception:
+            # another worker created it between our look-up and create
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def probe(self, experiment: str) -> None:
+        """Can we write there? Checked before any other store is touched: the experiment is
+        created (or tagged, if it exists), which a read-only or unreachable store refuses."""
+        uri = self.uri
+        if uri.startswith(("http://", "https://")):
+            import urllib.error
+            import urllib.request
             try:
-                exp_id = get_experiment_id(client, experiment, artifact_root)
-                client.set_experiment_tag(exp_id, "harness.study", experiment)
-                return
+                urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
+            except urllib.error.HTTPError:
+                pass   # it answers: whether it takes writes is checked below
             except Exception as e:
-                # workers starting together write the same new tag: all but one insert
-                # collide once (the store's upsert is a read, then an insert); try again
-                if attempt == 2:
-                    raise HarnessError(f"tracking URI {redact(tracking_uri)}: cannot write ({reason(e)})") from None
-                time.sleep(0.2 + random.random() * 0.3)
-    finally:
-        log.setLevel(level)
-
-
-@contextmanager
-def mlflow_run(tracking_uri: str, experiment: str, run_name: str, workspace: str | Path,
-               parent_run_id: str | None = None, tags: dict | None = None,
-               resume_run_id: str | None = None) -> Iterator[MlflowTracker]:
-    """Open a run (or reopen `resume_run_id`) and always close it: FINISHED, FAILED on an
-    error, KILLED on Ctrl-C.
-
-    The body may set `tracker.status` / `tracker.reason` to end the run otherwise
-    (a diverged fine-tune ends FAILED with its reason).
-    """
-    client = make_client(tracking_uri)
-    run = open_run(client, tracking_uri, experiment, run_name, workspace, parent_run_id, tags, resume_run_id)
-    tracker = MlflowTracker(client, run.info.run_id)
-    tracker.status, tracker.reason = "FINISHED", None
-    try:
-        yield tracker
-    except KeyboardInterrupt:
-        tracker.status, tracker.reason = "KILLED", "interrupted"
-        raise
-    except BaseException as e:
-        tracker.status = tracker.status if tracker.status == "KILLED" else "FAILED"
-        tracker.reason = tracker.reason or f"{e.__class__.__name__}: {e}"[:500]
-        raise
-    finally:
+                raise HarnessError(f"tracking URI {redact(uri)}: cannot reach the server ({reason(e)})") from None
+        import logging
+        client = self.client   # first: importing mlflow sets its loggers' levels
+        log = logging.getLogger("mlflow")
+        level, log.level = log.level, logging.CRITICAL   # a refused write is logged with a traceback
         try:
-            tracker.close()
+            for attempt in range(3):
+                try:
+                    client.set_experiment_tag(self.experiment_id(experiment), "harness.study", experiment)
+                    return
+                except Exception as e:
+                    # workers starting together write the same new tag: all but one insert
+                    # collide once (the store's upsert is a read, then an insert); try again
+                    if attempt == 2:
+                        raise HarnessError(f"tracking URI {redact(uri)}: cannot write ({reason(e)})") from None
+                    time.sleep(0.2 + random.random() * 0.3)
         finally:
-            if tracker.reason:
-                client.set_tag(run.info.run_id, "harness.reason", tracker.reason)
-            client.set_terminated(run.info.run_id, status=tracker.status)
+            log.setLevel(level)
 
+    # --- a run's life ----------------------------------------------------------------------
+    def start(self, experiment: str, run_name: str, parent_id: str | None = None,
+              tags: dict | None = None) -> str:
+        """A new RUNNING run (a child of `parent_id` when given): its id."""
+        try:
+            exp_id = self.experiment_id(experiment)
+            all_tags = {k: str(v) for k, v in (tags or {}).items()}   # a server takes strings only
+            if parent_id:
+                all_tags["mlflow.parentRunId"] = parent_id
+            return self.client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+        except HarnessError:
+            raise
+        except Exception as e:
+            raise HarnessError(f"tracking URI {redact(self.uri)}: cannot create a run ({reason(e)})") from None
 
-def tracked_fine_tune(recipe, tracker: MlflowTracker, workspace: str | Path = "workspace",
-                      report=None, progress: bool = False, extra_params: dict | None = None,
-                      evaluate_test: bool = True, *, plan=None):
-    """fine_tune with everything a run records: the flattened recipe as params (plus
-    `extra_params`), the layer groups tag, the recipe YAML, per-step curves and the LR plot.
-    A diverged run ends FAILED with its reason. `plan`: fine_tune's StagePlan."""
-    import torch
+    def status(self, run_id: str | None) -> str | None:
+        """The run's status; None when there is no such run (any other error is raised)."""
+        from mlflow.exceptions import MlflowException
+        if not run_id:
+            return None
+        try:
+            return self.client.get_run(run_id).info.status
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
 
-    from harness.engine.models import group_names
-    from harness.report import lr_figure
-    from harness.engine.train import fine_tune, resolve_device
+    def reopen(self, run_id: str) -> None:
+        """A resumed sweep's parent runs again."""
+        self.client.update_run(run_id, status="RUNNING")
 
-    params = flatten(recipe.to_dict())
-    params.update(extra_params or {})
-    tracker.log_params(params)
-    # exact CPU replays need the same torch build and thread count: record them
-    tracker.set_tags({"layer_groups": ",".join(group_names(recipe.model.groups)),
-                      "runtime.torch": torch.__version__, "runtime.threads": torch.get_num_threads(),
-                      "runtime.device": str(resolve_device(recipe.device))})
-    tracker.log_text(recipe.to_yaml(), "recipe.yaml")
-    result = fine_tune(recipe, tracker, report=report, workspace=workspace, progress=progress,
-                       evaluate_test=evaluate_test, plan=plan)
-    tracker.set_tags({"harness.status": result.status})
-    if result.input_stats is not None:   # what the inputs were normalised with (the weights' own)
-        tracker.log_params({"input.mean": list(result.input_stats.mean), "input.std": list(result.input_stats.std)})
-    if result.lrs:
-        import matplotlib.pyplot as plt
-        fig = lr_figure(result)
-        tracker.log_figure(fig, "lr_schedule.png")
-        plt.close(fig)
-    if not result.ok:
-        tracker.status, tracker.reason = "FAILED", result.status
-    return result
+    def end(self, run_id: str, end: RunEnd) -> None:
+        if end.reason:
+            self.client.set_tag(run_id, "harness.reason", end.reason)
+        self.client.set_terminated(run_id, status=end.status)
+
+    def finish(self, run_id: str) -> None:
+        self.end(run_id, RunEnd())
+
+    def fail(self, run_id: str, why: str) -> None:
+        self.end(run_id, RunEnd("FAILED", why))
+
+    def kill(self, run_id: str, why: str) -> None:
+        self.end(run_id, RunEnd("KILLED", why))
+
+    def abandon(self, run_id: str, interrupted: bool, why: str) -> None:
+        """A sweep's parent left with no trial running: KILLED (Ctrl-C) or FAILED, so the UI
+        shows no sweep as running that is not. Only a RUNNING run is touched."""
+        if self.status(run_id) == "RUNNING":
+            (self.kill if interrupted else self.fail)(run_id, why)
+
+    def lose(self, run_id: str | None, why: str) -> None:
+        """A lost trial's run ends FAILED with `lost: <why>`. A FINISHED one too: its worker
+        died after closing the run but before Optuna recorded the value, so the study has no
+        result from it and runs it again. The store may be down: the trial is re-run anyway."""
+        try:
+            if run_id and self.status(run_id) in ("RUNNING", "FINISHED"):
+                self.fail(run_id, f"lost: {why}")
+        except Exception:
+            pass
+
+    def tracker(self, run_id: str) -> MlflowTracker:
+        """A tracker logging to an existing run (close it when done)."""
+        return MlflowTracker(self.client, run_id)
+
+    @contextmanager
+    def run(self, experiment: str, run_name: str, parent_id: str | None = None,
+            tags: dict | None = None) -> Iterator[MlflowTracker]:
+        """Start a run and always end it: as `tracker.end` says (FINISHED unless the body
+        decided otherwise), FAILED on an error, KILLED on Ctrl-C."""
+        tracker = self.tracker(self.start(experiment, run_name, parent_id, tags))
+        try:
+            yield tracker
+        except KeyboardInterrupt:
+            tracker.end = RunEnd("KILLED", "interrupted")
+            raise
+        except BaseException as e:
+            end = tracker.end
+            tracker.end = RunEnd("KILLED" if end.status == "KILLED" else "FAILED",
+                                 end.reason or f"{e.__class__.__name__}: {e}"[:500])
+            raise
+        finally:
+            try:
+                tracker.close()
+            finally:
+                self.end(tracker.run_id, tracker.end)

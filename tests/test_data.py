@@ -379,10 +379,13 @@ def test_classes_reindexed_in_given_order(tmp_path):
 
 
 def test_unknown_dataset_and_bad_fraction(tmp_path):
-    with raises_harness("data.dataset: unknown dataset 'mnist'"):
-        data.load_dataset(make_cfg(dataset="mnist"), tmp_path, seed=0)
+    """The recipe schema holds these rules (load_dataset takes a validated DataConfig)."""
+    from conftest import tiny_recipe_dict
+    from harness.engine.recipe import Recipe
+    with raises_harness("data.dataset: .*'mnist'"):
+        Recipe.from_dict(tiny_recipe_dict(data={"dataset": "mnist"}))
     with raises_harness("data.val_fraction"):
-        data.load_dataset(make_cfg(val_fraction=1.0), tmp_path, seed=0)
+        Recipe.from_dict(tiny_recipe_dict(data={"val_fraction": 1.0}))
 
 
 # ---------------------------------------------------------------- batches

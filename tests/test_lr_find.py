@@ -7,7 +7,11 @@ import math
 import pytest
 import torch
 
+from harness import jobs
 from harness.engine import lr_find as lf
+from harness.engine import step as step_mod
+from harness import report
+from harness.sweep import centre
 from harness.errors import HarnessError
 from harness.engine.recipe import Recipe
 from tests.conftest import needs_fashion, tiny_recipe_dict
@@ -147,11 +151,11 @@ def test_smooth_losses_by_hand():
 
 def test_bad_arguments_are_refused(tiny_recipe):
     with pytest.raises(HarnessError, match="start_lr"):
-        lf.lr_find(tiny_recipe, start_lr=0.0)
+        lf.lr_find(tiny_recipe, test=lf.RangeTest(start_lr=0.0))
     with pytest.raises(HarnessError, match="end_lr"):
-        lf.lr_find(tiny_recipe, start_lr=1e-3, end_lr=1e-4)
+        lf.lr_find(tiny_recipe, test=lf.RangeTest(start_lr=1e-3, end_lr=1e-4))
     with pytest.raises(HarnessError, match="num_it"):
-        lf.lr_find(tiny_recipe, num_it=0)
+        lf.lr_find(tiny_recipe, test=lf.RangeTest(num_it=0))
 
 
 # --- real runs on the tiny recipe ----------------------------------------------------------
@@ -167,8 +171,7 @@ def run30(workspace):
         torch.set_num_threads(1)   # see _one_thread
         # end_lr 1e-2 and no divergence stop: all 30 steps run on any machine
         try:
-            result = lf.lr_find(recipe, workspace, start_lr=1e-7, end_lr=1e-2, num_it=30,
-                                stop_div=False)
+            result = lf.lr_find(recipe, workspace, lf.RangeTest(start_lr=1e-7, end_lr=1e-2, num_it=30, stop_div=False))
         finally:
             torch.set_num_threads(before)
     return result, spy.opt
@@ -222,7 +225,7 @@ def test_suggestions_lie_in_the_searched_range(run30):
 @needs_fashion
 def test_figure_is_a_png_with_every_suggestion(run30, tmp_path):
     result, _ = run30
-    fig = lf.lr_find_figure(result)
+    fig = report.lr_find_figure(result)
     ax = fig.axes[0]
     assert ax.get_xscale() == "log"
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
@@ -237,8 +240,8 @@ def test_figure_is_a_png_with_every_suggestion(run30, tmp_path):
 @needs_fashion
 def test_stops_when_the_smoothed_loss_diverges(tiny_recipe, workspace, monkeypatch):
     raw = [1.0] * 5 + [1000.0] + [1.0] * 30
-    monkeypatch.setattr(lf, "_loss", scripted_loss(raw))
-    result = lf.lr_find(tiny_recipe, workspace, num_it=20)
+    monkeypatch.setattr(step_mod, "cross_entropy", scripted_loss(raw))
+    result = lf.lr_find(tiny_recipe, workspace, lf.RangeTest(num_it=20))
     # the smoothed loss is 1.0 for 5 steps; step 5 jumps far past 4 x 1.0: recorded, then stop
     assert len(result.lrs) == 6 and result.stopped_early
     assert result.raw_losses == raw[:6]
@@ -250,9 +253,10 @@ def test_stops_when_the_smoothed_loss_diverges(tiny_recipe, workspace, monkeypat
 
 @needs_fashion
 def test_non_finite_loss_stops_and_is_not_logged(tiny_recipe, workspace, monkeypatch):
-    monkeypatch.setattr(lf, "_loss", scripted_loss([2.0, 1.5, 1.2, 1.0, 0.9, math.nan] + [1.0] * 30))
+    monkeypatch.setattr(step_mod, "cross_entropy", scripted_loss([2.0, 1.5, 1.2, 1.0, 0.9, math.nan] + [1.0] * 30))
     tracker = FakeTracker()
-    result = lf.lr_find(tiny_recipe, workspace, num_it=20, stop_div=False, tracker=tracker)
+    result = lf.lr_find(tiny_recipe, workspace, lf.RangeTest(num_it=20, stop_div=False))
+    jobs.log_lr_find(tracker, result)
     assert len(result.lrs) == 6 and result.stopped_early and math.isnan(result.losses[-1])
     # suggestions from the 5 finite points
     assert result.suggestions["minimum"] == pytest.approx(result.lrs[4] / 10)
@@ -262,18 +266,18 @@ def test_non_finite_loss_stops_and_is_not_logged(tiny_recipe, workspace, monkeyp
 
 @needs_fashion
 def test_short_runs_use_fastai_minimum_of_six_steps(tiny_recipe, workspace, monkeypatch):
-    monkeypatch.setattr(lf, "_loss", scripted_loss([1.0] * 10))
-    result = lf.lr_find(tiny_recipe, workspace, start_lr=1e-5, end_lr=1e-1, num_it=3)
+    monkeypatch.setattr(step_mod, "cross_entropy", scripted_loss([1.0] * 10))
+    result = lf.lr_find(tiny_recipe, workspace, lf.RangeTest(start_lr=1e-5, end_lr=1e-1, num_it=3))
     assert len(result.lrs) == 6
     assert result.lrs == pytest.approx([expected_lr(i, 6, 1e-5, 1e-1) for i in range(6)], rel=1e-12)
 
 
 @needs_fashion
 def test_no_divergence_stop_when_stop_div_is_false_and_tracking(tiny_recipe, workspace, monkeypatch):
-    monkeypatch.setattr(lf, "_loss", scripted_loss([1.0] * 5 + [1000.0] + [1.0] * 30))
+    monkeypatch.setattr(step_mod, "cross_entropy", scripted_loss([1.0] * 5 + [1000.0] + [1.0] * 30))
     tracker = FakeTracker()
-    result = lf.lr_find(tiny_recipe, workspace, start_lr=1e-6, end_lr=1e-2, num_it=8,
-                        stop_div=False, tracker=tracker)
+    result = lf.lr_find(tiny_recipe, workspace, lf.RangeTest(start_lr=1e-6, end_lr=1e-2, num_it=8, stop_div=False))
+    jobs.log_lr_find(tracker, result)
     assert len(result.lrs) == 8 and not result.stopped_early
     (first, series), = tracker.steps
     assert first == 0
@@ -319,8 +323,8 @@ def test_centred_first_trials_maps_the_valley_per_strategy_and_clips(monkeypatch
         return lf.LRFindResult(lrs=[], losses=[], raw_losses=[], suggestions={"valley": valleys[stage]},
                                stopped_early=False)
 
-    monkeypatch.setattr(lf, "lr_find", fake_lr_find)
-    got = lf.centred_first_trials(study, tmp_path, echo=lambda s: None)
+    monkeypatch.setattr(centre, "lr_find", fake_lr_find)
+    got = centre.centred_first_trials(study, tmp_path, echo=lambda s: None)
     assert got["naive"]["lr"] == pytest.approx(4e-3)
     assert got["head_only"]["lr"] == pytest.approx(1e-2)          # 4e-3 clipped up to the range
     assert got["two_phase"]["lr_high"] == pytest.approx(3e-4)

@@ -13,8 +13,8 @@ from torch import nn
 
 from harness.engine import models
 from harness.errors import HarnessError
-from harness.engine.models import (AdaptiveConcatPool2d, TransferModel, build_model, linear_head, load_body,
-                            param_groups, read_checkpoint, save_checkpoint, set_trainable)
+from harness.engine.groups import AdaptiveConcatPool2d, linear_head, param_groups, set_trainable
+from harness.engine.models import TransferModel, build_model, load_body, read_checkpoint, save_checkpoint
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
 

@@ -1,4 +1,4 @@
-"""Tests for harness.pretrain: a checkpoint with its metadata, reuse without training,
+"""Tests for `harness pretrain` (harness.jobs.pretrain): a checkpoint with its metadata, reuse without training,
 refusal to overwrite another recipe's checkpoint, and fine-tuning from it."""
 from __future__ import annotations
 
@@ -10,16 +10,21 @@ import torch
 
 from conftest import needs_fashion, template_store
 from harness.engine import train as train_mod
-from harness import tracking
+from harness import jobs
+from harness.stores import Stores
 from harness.errors import HarnessError
 from harness.engine.models import build_model, read_checkpoint
-from harness.pretrain import pretrain
+from harness.jobs import pretrain
 from harness.engine.recipe import Recipe
 from harness.engine.train import fine_tune
 
 pytestmark = needs_fashion
 
 SOURCE_CLASSES = ["T-shirt/top", "Trouser"]
+
+
+def stores(workspace, uri) -> Stores:
+    return Stores.resolve(workspace, tracking=uri)
 TARGET_CLASSES = ["Sandal", "Sneaker", "Bag"]
 
 
@@ -60,7 +65,7 @@ def pretrained(tmp_path_factory, workspace):
     shutil.copyfile(template_store(tmp_path_factory), db)
     uri = f"sqlite:///{db}"
     out = root / "checkpoints" / "source.pt"
-    meta = pretrain(source_recipe(), out, workspace, uri)
+    meta = pretrain(source_recipe(), stores(workspace, uri), out)
     return {"meta": meta, "out": out, "uri": uri, "workspace": workspace}
 
 
@@ -93,9 +98,9 @@ def test_pretrain_writes_a_checkpoint_with_meta(pretrained):
 def test_same_recipe_is_reused_without_training(pretrained, monkeypatch):
     out = pretrained["out"]
     before = out.read_bytes()
-    monkeypatch.setattr(tracking, "tracked_fine_tune", _refuse_training)
+    monkeypatch.setattr(jobs, "tracked_fine_tune", _refuse_training)
     monkeypatch.setattr(train_mod, "fine_tune", _refuse_training)
-    meta = pretrain(source_recipe(), out, pretrained["workspace"], pretrained["uri"])
+    meta = pretrain(source_recipe(), stores(pretrained["workspace"], pretrained["uri"]), out)
     assert meta["reused"] is True
     assert meta["config_hash"] == pretrained["meta"]["config_hash"]
     assert meta["source_classes"] == SOURCE_CLASSES
@@ -103,10 +108,10 @@ def test_same_recipe_is_reused_without_training(pretrained, monkeypatch):
 
 
 def test_same_recipe_on_another_device_is_reused(pretrained, monkeypatch):
-    monkeypatch.setattr(tracking, "tracked_fine_tune", _refuse_training)
+    monkeypatch.setattr(jobs, "tracked_fine_tune", _refuse_training)
     monkeypatch.setattr(train_mod, "fine_tune", _refuse_training)
-    meta = pretrain(source_recipe().replace(device="auto"), pretrained["out"],
-                    pretrained["workspace"], pretrained["uri"])
+    meta = pretrain(source_recipe().replace(device="auto"), stores(pretrained["workspace"], pretrained["uri"]),
+                    pretrained["out"])
     assert meta["reused"] is True
 
 
@@ -115,16 +120,16 @@ def test_another_recipe_for_the_same_output_needs_force(pretrained, tmp_path, mo
     shutil.copyfile(pretrained["out"], out)
     before = out.read_bytes()
     calls = []
-    real = tracking.tracked_fine_tune
-    monkeypatch.setattr(tracking, "tracked_fine_tune",
+    real = jobs.tracked_fine_tune
+    monkeypatch.setattr(jobs, "tracked_fine_tune",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
 
     with pytest.raises(HarnessError) as info:
-        pretrain(source_recipe(seed=1), out, pretrained["workspace"], pretrained["uri"])
+        pretrain(source_recipe(seed=1), stores(pretrained["workspace"], pretrained["uri"]), out)
     assert str(out) in str(info.value) and "\n" not in str(info.value)
     assert out.read_bytes() == before and calls == []
 
-    meta = pretrain(source_recipe(seed=1), out, pretrained["workspace"], pretrained["uri"], force=True)
+    meta = pretrain(source_recipe(seed=1), stores(pretrained["workspace"], pretrained["uri"]), out, force=True)
     assert calls == [1]
     assert meta["reused"] is False
     assert meta["config_hash"] != pretrained["meta"]["config_hash"]

@@ -16,6 +16,7 @@ from scipy import stats
 from conftest import FASHION_DIR, needs_fashion
 from harness.cli import main
 from harness.results import Comparison, StrategyResult, status_rows
+from harness.stores import Stores
 from harness.sweep.study import load_study
 from test_sweep import (BASE_STUDY, PNG_MAGIC, THREADS, base_recipe, base_sweep,
                         client_for, invoke, write_study)
@@ -101,7 +102,7 @@ def test_status_flags_a_best_point_on_the_range_boundary(tmp_path):
     path, study, storage = constructed_storage(tmp_path, {
         "naive": [naive_trial(0.6, 1e-3, 0.4), naive_trial(0.9, 1.05e-4, 0.45), naive_trial(0.7, 3e-3, 0.6)],
         "two_phase": []})
-    rows = {r["strategy"]: r for r in status_rows(study, tmp_path, storage)}
+    rows = {r["strategy"]: r for r in status_rows(study, Stores.resolve(tmp_path, storage))}
     assert rows["naive"]["best"] == 0.9
     assert rows["naive"]["best_params"] == {"lr": 1.05e-4, "pct_start": 0.45}
     assert rows["naive"]["on_boundary"] == ["lr (low)"]

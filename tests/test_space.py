@@ -9,16 +9,17 @@ import optuna
 import pytest
 
 from harness.errors import HarnessError
-from harness.sweep.space import ParamSpec, baseline, check_space, on_boundary, parse_param, suggest
-from harness.sweep.strategies import defaults
+from harness.sweep.space import ParamSpec, Space, baseline, check_space, on_boundary, parse_param, suggest
+from harness.sweep.strategies import STRATEGIES, defaults
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def space_of(strategy: str, raw: dict) -> dict[str, ParamSpec]:
-    """A strategy's space as load_study builds it (parse each, then check the whole)."""
+def space_of(strategy: str, raw: dict) -> Space:
+    """A strategy's space as load_study builds it (parse each, with the strategy's rules)."""
     known = defaults(strategy)
-    return {n: parse_param(f"strategies.{strategy}.{n}", v, known[n]) for n, v in raw.items()}
+    return Space({n: parse_param(f"strategies.{strategy}.{n}", v, known[n]) for n, v in raw.items()},
+                 STRATEGIES[strategy].rules)
 
 
 def one_line_error(fn, *args) -> str:
@@ -167,7 +168,7 @@ def test_suggest_300_random_trials_never_give_lr_low_above_lr_high():
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 def test_suggest_with_the_sweeps_tpe_sampler_keeps_the_order():
-    from harness.sweep.sweep import make_sampler
+    from harness.sweep.ostudies import make_sampler
     space = space_of("discriminative", {k: OVERLAPPING[k] for k in ("lr_low", "lr_high", "pct_start")})
     draws = ask_many(space, 30, sampler=make_sampler("tpe", 0),
                      value=lambda v, i: -abs(math.log10(v["lr_high"]) + 3))

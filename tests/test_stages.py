@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 from conftest import needs_fashion, template_store, tiny_recipe_dict
 from harness.engine import lr_find as lf
+from harness.sweep import centre
 from harness.engine import stages as st
 from harness.cli import main
 from harness.errors import HarnessError
@@ -136,7 +137,7 @@ def test_dropout_rng_is_part_of_what_continues(saved, monkeypatch):
     recipe = saved["recipe"]
     ckpt = st.read_stage(st.stage_path(saved["ws"], recipe, 1), recipe)
     monkeypatch.setattr(st.torch, "set_rng_state", lambda state: None)
-    drifted = fine_tune(recipe, workspace=saved["ws"], evaluate_test=False, plan=StagePlan(start=ckpt))
+    drifted = fine_tune(recipe, workspace=saved["ws"], plan=StagePlan(start=ckpt, test=False))
     assert not same_weights(saved["straight"].model, drifted.model)
 
 
@@ -164,7 +165,7 @@ def test_stage_2_starts_from_the_model_after_stage_1_trained_as_train_does(saved
     monkeypatch.setattr(lf, "make_optimizer", spy)
     ws = tmp_path / "ws"
     shutil.copytree(saved["ws"] / "cache", ws / "cache")
-    result = lf.lr_find(recipe, ws, num_it=20, stop_div=False, stage=2)
+    result = lf.lr_find(recipe, ws, lf.RangeTest(num_it=20, stop_div=False), stage=2)
     ckpt = st.read_stage(st.stage_path(saved["ws"], recipe, 1), recipe)
     assert spy.state.keys() == ckpt.model.keys()
     assert all(torch.equal(spy.state[k], ckpt.model[k]) for k in ckpt.model)
@@ -177,10 +178,10 @@ def test_stage_2_starts_from_the_model_after_stage_1_trained_as_train_does(saved
 @needs_fashion
 def test_stage_2_loads_a_saved_checkpoint_instead_of_training(saved, monkeypatch):
     recipe, ws = saved["recipe"], saved["ws"]
-    trained = lf.lr_find(recipe, ws, num_it=12, stop_div=False, stage=2)
+    trained = lf.lr_find(recipe, ws, lf.RangeTest(num_it=12, stop_div=False), stage=2)
     assert trained.start == str(st.stage_path(ws, recipe, 1))
-    monkeypatch.setattr(st, "_train", lambda *a, **k: pytest.fail("trained although a checkpoint exists"))
-    again = lf.lr_find(recipe, ws, num_it=12, stop_div=False, stage=2)
+    monkeypatch.setattr(lf, "fine_tune", lambda *a, **k: pytest.fail("trained although a checkpoint exists"))
+    again = lf.lr_find(recipe, ws, lf.RangeTest(num_it=12, stop_div=False), stage=2)
     assert again.raw_losses == trained.raw_losses and again.lrs == trained.lrs
 
 
@@ -232,8 +233,8 @@ def test_a_timm_model_continues_bit_for_bit_too(workspace):
         model={"arch": "timm/test_resnet", "groups": 3}, data={"image_size": 32, "train_per_class": 16},
         stages=[{"epochs": 1, "train": "head", "lr": {"max": 2e-3}}, {"epochs": 1, "train": "all", "lr": 1e-3}]))
     kept = []
-    straight = fine_tune(recipe, workspace=workspace, evaluate_test=False, plan=StagePlan(on_stage=kept.append))
-    continued = fine_tune(recipe, workspace=workspace, evaluate_test=False, plan=StagePlan(start=kept[0]))
+    straight = fine_tune(recipe, workspace=workspace, plan=StagePlan(on_stage=kept.append, test=False))
+    continued = fine_tune(recipe, workspace=workspace, plan=StagePlan(start=kept[0], test=False))
     assert type(straight.model).__name__ == "TimmTransferModel"
     assert same_weights(straight.model, continued.model) and epochs_of(straight) == epochs_of(continued)
 
@@ -306,8 +307,8 @@ def test_sweep_centres_two_phase_lr_high_from_its_unfrozen_stage(saved, tmp_path
         runs.append(real(*args, **kwargs))
         return runs[-1]
 
-    monkeypatch.setattr(lf, "lr_find", lr_find)
-    got = lf.centred_first_trials(study, saved["ws"], echo=lines.append)["two_phase"]
+    monkeypatch.setattr(centre, "lr_find", lr_find)
+    got = centre.centred_first_trials(study, saved["ws"], echo=lines.append)["two_phase"]
     (run,) = runs
     # stage 2, from the head stage the default first trial trains (the saved tiny stage 1)
     assert run.stage == 2 and run.train == "all" and run.start == str(st.stage_path(saved["ws"], saved["recipe"], 1))
@@ -339,9 +340,9 @@ def test_a_checkpoint_from_another_device_type_loads_with_reseeded_generators(sa
 def test_stage_checkpoints_continue_on_cuda(workspace):
     recipe = Recipe.from_dict(tiny_recipe_dict(device="cuda"))
     kept = []
-    straight = fine_tune(recipe, workspace=workspace, evaluate_test=False, plan=StagePlan(on_stage=kept.append))
+    straight = fine_tune(recipe, workspace=workspace, plan=StagePlan(on_stage=kept.append, test=False))
     assert kept[0].device == "cuda" and "cuda" in kept[0].rng
-    continued = fine_tune(recipe, workspace=workspace, evaluate_test=False, plan=StagePlan(start=kept[0]))
+    continued = fine_tune(recipe, workspace=workspace, plan=StagePlan(start=kept[0], test=False))
     assert continued.ok and continued.lrs == straight.lrs and len(continued.epochs) == 3
     # the same batches as the straight run: its train losses agree to bf16 precision
     assert [e.train_loss for e in continued.epochs] == pytest.approx([e.train_loss for e in straight.epochs], rel=0.05)

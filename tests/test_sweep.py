@@ -24,6 +24,7 @@ from click.testing import CliRunner
 from conftest import FASHION_DIR, needs_fashion, tiny_recipe_dict, template_store
 from harness.cli import main
 from harness.engine.recipe import Recipe
+from harness.stores import Stores
 from harness.sweep.study import Study, load_study
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -349,7 +350,7 @@ def diverging_sweep(tmp_path, tmp_path_factory, workspace, lr: float, trials: in
 
 
 def test_count_trials_sorts_every_state():
-    from harness.sweep.sweep import Counts, count_trials
+    from harness.sweep.ostudies import Counts, count_trials
     ostudy = optuna.create_study(direction="maximize")
     dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
     S = optuna.trial.TrialState
@@ -431,13 +432,11 @@ def fake_fine_tune(values_per_trial: list[float], calls: list):
     recipe's epochs for the n-th call, as the real one does, and logs val/accuracy."""
     from harness.engine.train import EpochStats, Result
 
-    def fake(recipe, tracker, workspace="workspace", report=None, progress=False, extra_params=None,
-             evaluate_test=True):
+    def fake(recipe, tracker, workspace="workspace", *, report=None, progress=False, plan=None):
         n = len(calls)
-        calls.append(dict(extra_params or {}))
+        calls.append({"lr": recipe.stages[0].peak_lrs(3)[-1]})   # naive's one hyperparameter
         value = values_per_trial[n]
-        tracker.log_params(extra_params or {})
-        result = Result(status="ok", group_names=["early", "late", "head"])
+        result = Result(group_names=["early", "late", "head"])
         for epoch in range(1, recipe.epochs + 1):
             tracker.log_epoch(epoch, {"val/accuracy": value})
             result.epochs.append(EpochStats(epoch, 0, 0.5, 0.5, value, 0.01))
@@ -449,7 +448,7 @@ def fake_fine_tune(values_per_trial: list[float], calls: list):
 
 
 def test_median_pruner_prunes_a_trial_below_the_median(tmp_path, tmp_path_factory, monkeypatch):
-    import harness.tracking
+    import harness.jobs
     from harness.sweep.sweep import run_sweep
 
     study_d = {**BASE_STUDY, "name": "prune", "recipe": base_recipe(), "trials": 4, "pruner": "median",
@@ -457,11 +456,10 @@ def test_median_pruner_prunes_a_trial_below_the_median(tmp_path, tmp_path_factor
     path = write_study(tmp_path / "study.yaml", study_d)
     study = load_study(path)
     calls: list = []
-    monkeypatch.setattr(harness.tracking, "tracked_fine_tune", fake_fine_tune([0.9, 0.9, 0.9, 0.1], calls))
+    monkeypatch.setattr(harness.jobs, "tracked_fine_tune", fake_fine_tune([0.9, 0.9, 0.9, 0.1], calls))
     storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", fresh_tracking_uri(tmp_path_factory, tmp_path)
     lines: list[str] = []
-    run_sweep(study, tmp_path / "ws", strategies=["naive"], storage=storage, tracking_uri=uri,
-              echo=lines.append)
+    run_sweep(study, Stores.resolve(tmp_path / "ws", storage, uri), study.select(["naive"]), echo=lines.append)
     assert len(calls) == 4
     assert calls[0] == {"lr": 1e-3}
     sw = Sweep(path, study, tmp_path / "ws", storage, uri, "\n".join(lines))
@@ -535,7 +533,7 @@ def test_a_crashed_first_trial_is_run_again_with_the_defaults_on_resume(tmp_path
                                                                          monkeypatch):
     """A crash (not a divergence) in the enqueued default trial stops the sweep; the next
     `harness sweep` runs the published default again instead of losing the baseline."""
-    import harness.tracking
+    import harness.jobs
     from harness.sweep.sweep import run_sweep
 
     study_d = {**BASE_STUDY, "name": "crash", "recipe": base_recipe(), "trials": 2, "pruner": "none",
@@ -546,12 +544,12 @@ def test_a_crashed_first_trial_is_run_again_with_the_defaults_on_resume(tmp_path
     def crash(*args, **kwargs):
         raise RuntimeError("worker lost")
 
-    monkeypatch.setattr(harness.tracking, "tracked_fine_tune", crash)
+    monkeypatch.setattr(harness.jobs, "tracked_fine_tune", crash)
     with pytest.raises(RuntimeError):
-        run_sweep(study, tmp_path / "ws", storage=storage, tracking_uri=uri, echo=lambda s: None)
+        run_sweep(study, Stores.resolve(tmp_path / "ws", storage, uri), study.select(), echo=lambda s: None)
     calls: list = []
-    monkeypatch.setattr(harness.tracking, "tracked_fine_tune", fake_fine_tune([0.8, 0.7], calls))
-    run_sweep(study, tmp_path / "ws", storage=storage, tracking_uri=uri, echo=lambda s: None)
+    monkeypatch.setattr(harness.jobs, "tracked_fine_tune", fake_fine_tune([0.8, 0.7], calls))
+    run_sweep(study, Stores.resolve(tmp_path / "ws", storage, uri), study.select(), echo=lambda s: None)
     assert calls[0] == {"lr": 1e-3}                 # the baseline again, not a fresh sample
     trials = optuna.load_study(study_name="crash/naive", storage=storage).get_trials()
     S = optuna.trial.TrialState

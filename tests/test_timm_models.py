@@ -11,7 +11,8 @@ from torch import nn
 from conftest import needs_fashion, template_store, tiny_recipe_dict
 from harness.cli import main
 from harness.errors import HarnessError
-from harness.engine.models import build_model, describe_groups, param_groups, set_trainable
+from harness.engine.groups import describe_groups, param_groups, set_trainable
+from harness.engine.models import build_model
 from harness.engine.recipe import Recipe
 from harness.engine.timm_models import merge_blocks
 from harness.engine.train import fine_tune

@@ -9,7 +9,10 @@ import pytest
 
 from conftest import needs_fashion, tiny_recipe_dict, template_store
 from harness.engine.recipe import Recipe
-from harness.tracking import MlflowTracker, default_tracking_uri, flatten, mlflow_run, tracked_fine_tune
+from harness.engine.recipe import flatten
+from harness.jobs import tracked_fine_tune
+from harness.stores import tracking_uri as default_tracking_uri
+from harness.tracking import MlflowTracker, Tracking
 
 
 
@@ -109,7 +112,7 @@ def test_log_steps_splits_into_batches_of_at_most_1000(uri):
 # --- mlflow_run end states ------------------------------------------------------------------
 
 def test_mlflow_run_ends_finished(tmp_path, uri):
-    with mlflow_run(uri, "exp", "ok-run", tmp_path, tags={"harness.kind": "test"}) as tracker:
+    with Tracking(uri, tmp_path).run("exp", "ok-run", tags={"harness.kind": "test"}) as tracker:
         tracker.log_epoch(1, {"val/accuracy": 0.75})
     run = only_run(client_for(uri), "exp")
     assert run.info.run_id == tracker.run_id
@@ -122,7 +125,7 @@ def test_mlflow_run_ends_finished(tmp_path, uri):
 
 def test_mlflow_run_ends_failed_with_reason_on_an_exception(tmp_path, uri):
     with pytest.raises(ValueError, match="boom"):
-        with mlflow_run(uri, "exp", "bad-run", tmp_path):
+        with Tracking(uri, tmp_path).run("exp", "bad-run"):
             raise ValueError("boom")
     run = only_run(client_for(uri), "exp")
     assert run.info.status == "FAILED"
@@ -132,15 +135,15 @@ def test_mlflow_run_ends_failed_with_reason_on_an_exception(tmp_path, uri):
 
 def test_mlflow_run_ends_killed_on_keyboard_interrupt(tmp_path, uri):
     with pytest.raises(KeyboardInterrupt):
-        with mlflow_run(uri, "exp", "ctrl-c", tmp_path):
+        with Tracking(uri, tmp_path).run("exp", "ctrl-c"):
             raise KeyboardInterrupt
     run = only_run(client_for(uri), "exp")
     assert run.info.status == "KILLED"
 
 
 def test_mlflow_run_parent_id_is_recorded(tmp_path, uri):
-    with mlflow_run(uri, "exp", "parent", tmp_path) as parent:
-        with mlflow_run(uri, "exp", "child", tmp_path, parent_run_id=parent.run_id) as child:
+    with Tracking(uri, tmp_path).run("exp", "parent") as parent:
+        with Tracking(uri, tmp_path).run("exp", "child", parent_id=parent.run_id) as child:
             pass
     client = client_for(uri)
     assert client.get_run(child.run_id).data.tags["mlflow.parentRunId"] == parent.run_id
@@ -150,7 +153,7 @@ def test_mlflow_run_parent_id_is_recorded(tmp_path, uri):
 @needs_fashion
 def test_diverged_tracked_fine_tune_ends_the_run_failed(uri, workspace):
     recipe = Recipe.from_dict(tiny_recipe_dict(stages=[{"epochs": 2, "train": "all", "lr": 1e6}]))
-    with mlflow_run(uri, "exp", "diverge", workspace) as tracker:
+    with Tracking(uri, workspace).run("exp", "diverge") as tracker:
         result = tracked_fine_tune(recipe, tracker, workspace)      # no exception
     assert result.status.startswith("diverged at step ")
     run = only_run(client_for(uri), "exp")
@@ -204,9 +207,9 @@ def test_probe_tracking_retries_a_colliding_first_write(tmp_path, uri, monkeypat
 
     monkeypatch.setattr(tr, "make_client", lambda _uri: Colliding())
     if ok:
-        tr.probe_tracking(uri, "probe", tmp_path)
+        tr.Tracking(uri, tmp_path).probe("probe")
         assert real.get_experiment_by_name("probe").tags["harness.study"] == "probe"
     else:
         with pytest.raises(HarnessError, match=r"cannot write \(RuntimeError: duplicate key"):
-            tr.probe_tracking(uri, "probe", tmp_path)
+            tr.Tracking(uri, tmp_path).probe("probe")
     assert len(refused) == collisions

@@ -413,12 +413,12 @@ def test_batch_size_larger_than_train_set_is_a_harness_error(workspace):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 @pytest.mark.parametrize("where", ["recipe", "argument"])
 def test_cuda_without_cuda_is_a_harness_error(workspace, where):
-    if where == "recipe":
-        recipe, kwargs = Recipe.from_dict(tiny_recipe_dict(device="cuda")), {}
-    else:
-        recipe, kwargs = Recipe.from_dict(tiny_recipe_dict()), {"device": "cuda"}
+    from harness.engine.train import prepare
     with pytest.raises(HarnessError) as info:
-        fine_tune(recipe, workspace=workspace, **kwargs)
+        if where == "recipe":
+            fine_tune(Recipe.from_dict(tiny_recipe_dict(device="cuda")), workspace=workspace)
+        else:   # the override the LR finder passes down
+            prepare(Recipe.from_dict(tiny_recipe_dict()), workspace, device="cuda")
     msg = str(info.value)
     assert "device" in msg and "\n" not in msg
 

@@ -151,12 +151,12 @@ def ui_store(tmp_path_factory):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from harness.tracking import mlflow_run
+    from harness.tracking import Tracking
 
     ws = tmp_path_factory.mktemp("ui-ws")
     uri = f"sqlite:///{ws}/mlflow.db"
-    with mlflow_run(uri, "ui-test", "ui-test-parent", ws) as parent:
-        with mlflow_run(uri, "ui-test", CHILD_NAME, ws, parent_run_id=parent.run_id) as child:
+    with Tracking(uri, ws).run("ui-test", "ui-test-parent") as parent:
+        with Tracking(uri, ws).run("ui-test", CHILD_NAME, parent_id=parent.run_id) as child:
             child.log_steps(0, SERIES)
             fig, ax = plt.subplots(figsize=(4, 3))
             ax.plot(range(STEPS), SERIES["lr/head"])

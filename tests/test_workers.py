@@ -20,10 +20,12 @@ import pytest
 import yaml
 
 from conftest import needs_fashion
+from harness.stores import Stores, optuna_spec
 from harness.sweep import storage as st
 from harness.errors import HarnessError
 from harness.sweep.launch import plan
-from harness.sweep.worker import RETRIES, alive, requeue, worker_id
+from harness.sweep.ostudies import RETRIES, requeue
+from harness.sweep.worker import alive, worker_id
 
 S = optuna.trial.TrialState
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -53,14 +55,14 @@ def test_plan_refuses_more_workers_than_gpu_slots():
 
 def test_storage_resolves_option_then_env_then_workspace_journal(tmp_path, monkeypatch):
     monkeypatch.delenv("HARNESS_STORAGE", raising=False)
-    assert st.resolve(tmp_path) == str(tmp_path.resolve() / "optuna.journal")
+    assert optuna_spec(tmp_path) == str(tmp_path.resolve() / "optuna.journal")
     (tmp_path / "optuna.db").touch()                 # an older sweep's SQLite file is still used
-    assert st.resolve(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'optuna.db'}"
+    assert optuna_spec(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'optuna.db'}"
     (tmp_path / "optuna.journal").touch()
-    assert st.resolve(tmp_path) == str(tmp_path.resolve() / "optuna.journal")
+    assert optuna_spec(tmp_path) == str(tmp_path.resolve() / "optuna.journal")
     monkeypatch.setenv("HARNESS_STORAGE", "postgresql://u@h/db")
-    assert st.resolve(tmp_path) == "postgresql://u@h/db"
-    assert st.resolve(tmp_path, "rel.journal") == str(Path("rel.journal").resolve())
+    assert optuna_spec(tmp_path) == "postgresql://u@h/db"
+    assert optuna_spec(tmp_path, "rel.journal") == str(Path("rel.journal").resolve())
 
 
 @pytest.mark.parametrize("spec, kind", [("/x/y.journal", "journal"), ("sqlite:////x.db", "sqlite"),
@@ -201,8 +203,8 @@ def test_a_lost_trials_run_is_failed_and_its_params_queued_again(tmp_path, run_s
     ws = tmp_path / "ws"
     spec, uri = local_stores(ws)
     lines: list[str] = []
-    w = Worker(load_study(tiny_study(tmp_path / "study.yaml", "lost", trials=2)), ws, spec, uri,
-               ["naive"], n_trials=2, heartbeat=None, echo=lines.append)
+    study = load_study(tiny_study(tmp_path / "study.yaml", "lost", trials=2))
+    w = Worker(study, Stores(ws, spec, uri).ready(), study.select(["naive"], 2), echo=lines.append)
     w.prepare()
     ostudy = w.ostudies["naive"]
     trial = ostudy.ask()                                     # the first (queued) trial, claimed
@@ -210,10 +212,10 @@ def test_a_lost_trials_run_is_failed_and_its_params_queued_again(tmp_path, run_s
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     trial.set_user_attr("worker", f"{worker_id().rsplit(':', 2)[0]}:{dead.pid}:-")
-    exp = w.client.get_experiment_by_name("lost").experiment_id
-    run_id = w.client.create_run(exp, tags={"mlflow.parentRunId": w.parents["naive"]}).info.run_id
+    exp = w.tracking.client.get_experiment_by_name("lost").experiment_id
+    run_id = w.tracking.client.create_run(exp, tags={"mlflow.parentRunId": w.parents["naive"]}).info.run_id
     if run_status != "RUNNING":
-        w.client.set_terminated(run_id, status=run_status)
+        w.tracking.client.set_terminated(run_id, status=run_status)
     trial.set_user_attr("mlflow_run_id", run_id)
 
     w._recover(ostudy)
@@ -222,7 +224,7 @@ def test_a_lost_trials_run_is_failed_and_its_params_queued_again(tmp_path, run_s
     assert trials[0].state == S.FAIL
     assert [(t.state, t.user_attrs.get("retry_of"), t.system_attrs.get("fixed_params")) for t in trials[1:]] \
         == [(S.WAITING, 0, trials[0].params)]
-    run = w.client.get_run(run_id)
+    run = w.tracking.client.get_run(run_id)
     assert run.info.status == expected
     assert (run.data.tags.get("harness.reason", "").startswith("lost: its worker")) == (expected == "FAILED")
     assert lines == [f"[naive] trial 0 was lost (its worker ({trials[0].user_attrs['worker']}) died); queued again"]

@@ -44,17 +44,17 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import torch
-from torch import nn
 
 from harness.engine import data as data_mod
-from harness.errors import HarnessError
-from harness.engine.models import set_trainable
+from harness.engine.groups import set_trainable
 from harness.engine.recipe import Recipe
-from harness.engine.stages import StageCheckpoint, StagesDidNotFinish, restore, states_after
-from harness.engine.train import _autocast, _memory_format, make_optimizer, prepare
+from harness.engine.stages import (StageCheckpoint, StagePlan, StagesDidNotFinish, find_stage, restore,
+                                   stage_path)
+from harness.engine.step import Hyper, train_step
+from harness.engine.train import fine_tune, make_optimizer, prepare
+from harness.errors import HarnessError
 
 SMOOTH_BETA = 0.98          # fastai's AvgSmoothLoss
 DIVERGENCE_FACTOR = 4.0     # stop when smoothed loss > 4 x the best so far
@@ -87,13 +87,23 @@ def exp_lr(i: int, num_it: int, start_lr: float, end_lr: float) -> float:
     return start_lr * (end_lr / start_lr) ** (i / num_it)
 
 
+class Smoother:
+    """fastai's AvgSmoothLoss: a debiased exponential moving average, one loss at a time."""
+
+    def __init__(self, beta: float = SMOOTH_BETA):
+        self.beta, self.avg, self.n = beta, 0.0, 0
+
+    def add(self, loss: float) -> float:
+        """The smoothed value after `loss`."""
+        self.avg = self.beta * self.avg + (1 - self.beta) * loss
+        self.n += 1
+        return self.avg / (1 - self.beta ** self.n)
+
+
 def smooth_losses(raw: Sequence[float], beta: float = SMOOTH_BETA) -> list[float]:
     """Debiased exponential moving average of `raw`, one value per step."""
-    out, avg = [], 0.0
-    for i, loss in enumerate(raw):
-        avg = beta * avg + (1 - beta) * loss
-        out.append(avg / (1 - beta ** (i + 1)))
-    return out
+    smoother = Smoother(beta)
+    return [smoother.add(loss) for loss in raw]
 
 
 # --- suggestions (pure; each returns (suggested lr, index of its point)) --------------
@@ -174,10 +184,6 @@ def suggest(lrs: Sequence[float], losses: Sequence[float],
 
 # --- the run -----------------------------------------------------------------------------
 
-def _loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(out.float(), y)
-
-
 @dataclass(frozen=True)
 class RangeTest:
     """The range test's settings: fastai's lr_find arguments (mom None = fastai's 0.9)."""
@@ -212,25 +218,15 @@ def check_stage(recipe: Recipe, stage: Any, option: str = "stage") -> int:
     return stage
 
 
-def lr_find(recipe: Recipe, workspace: str | Path = "workspace", start_lr: float = 1e-7,
-            end_lr: float = 10.0, num_it: int = 100, stop_div: bool = True,
-            tracker: Any = None, device: str | None = None,
-            mom: float | None = None, *, stage: int = 1) -> LRFindResult:
-    """Run fastai's LR range test on the recipe's stage `stage` (see the module docstring),
-    with the model as it stands after the stages before it.
-
-    `tracker` (an MlflowTracker or anything with log_steps / log_params / log_figure) gets
-    the curves "lr_find/lr", "lr_find/loss" (smoothed) and "lr_find/raw_loss" per step,
-    the params "suggestion.<name>", and the plot as "lr_find.png".
-    """
-    test = RangeTest(start_lr, end_lr, num_it, stop_div, mom)
+def lr_find(recipe: Recipe, workspace: str | Path = "workspace", test: RangeTest = RangeTest(), *,
+            stage: int = 1, device: str | None = None) -> LRFindResult:
+    """Run fastai's LR range test (settings `test`) on the recipe's stage `stage` (see the
+    module docstring), with the model as it stands after the stages before it.
+    harness/jobs.py logs a result to MLflow (curves, suggestions, the plot)."""
     test.check()
     check_stage(recipe, stage)
     before = states_after(recipe, [stage - 1], workspace, device)[stage - 1]
-    result = range_test(recipe, stage, before, test, workspace, device)
-    if tracker is not None:
-        _log(tracker, result)
-    return result
+    return range_test(recipe, stage, before, test, workspace, device)
 
 
 def range_test(recipe: Recipe, stage: int, before: StageCheckpoint | None, test: RangeTest,
@@ -248,20 +244,19 @@ def range_test(recipe: Recipe, stage: int, before: StageCheckpoint | None, test:
     suggestions, points = suggest(lrs, smooth, test.num_it)
     return LRFindResult(lrs=lrs, losses=smooth, raw_losses=raw, suggestions=suggestions,
                         stopped_early=stopped_early, points=points, num_it=test.num_it,
-                        seconds=time.perf_counter() - t_start, stage=stage, train=_describe(cfg.train),
+                        seconds=time.perf_counter() - t_start, stage=stage, train=describe_train(cfg.train),
                         start="" if before is None else before.source or "trained")
 
 
 def _steps(run, opt, recipe: Recipe, test: RangeTest) -> tuple[list[float], list[float], list[float], bool]:
     """The exponential sweep: (lrs, raw losses, smoothed losses, stopped early)."""
-    dev, model, bs = run.device, run.model, recipe.data.batch_size
-    sqr_mom, beta1 = recipe.optimizer.sqr_mom, test.beta1
+    model, bs = run.model, recipe.data.batch_size
     sched_it = max(test.num_it, MIN_ITERATIONS)                        # the schedule's length (fastai)
     max_steps = min(sched_it, (test.num_it // run.n_iter + 1) * run.n_iter)  # fastai fits this many epochs at most
     lrs: list[float] = []
     raw: list[float] = []
     smooth: list[float] = []
-    avg, best = 0.0, math.inf
+    smoother, best = Smoother(), math.inf
 
     def batches():
         while True:
@@ -269,19 +264,9 @@ def _steps(run, opt, recipe: Recipe, test: RangeTest) -> tuple[list[float], list
 
     for i, (x, y) in zip(range(max_steps), batches()):
         lr = exp_lr(i, sched_it, test.start_lr, test.end_lr)
-        for pg in opt.param_groups:
-            pg["lr"] = lr
-            pg["betas"] = (beta1, sqr_mom)
-        with _autocast(dev):
-            out = model(_memory_format(x, dev))
-        loss = _loss(out, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-        value = float(loss.detach())           # the per-step host read an LR finder needs
-        avg = SMOOTH_BETA * avg + (1 - SMOOTH_BETA) * value
-        smoothed = avg / (1 - SMOOTH_BETA ** (i + 1))
+        loss = train_step(model, opt, x, y, Hyper([lr] * model.n_groups, test.beta1, recipe.optimizer.sqr_mom))
+        value = float(loss)                    # the per-step host read an LR finder needs
+        smoothed = smoother.add(value)
         lrs.append(lr)
         raw.append(value)
         smooth.append(smoothed)
@@ -293,47 +278,8 @@ def _steps(run, opt, recipe: Recipe, test: RangeTest) -> tuple[list[float], list
     return lrs, raw, smooth, False
 
 
-def _describe(train: Any) -> str:
+def describe_train(train: Any) -> str:
     return train if isinstance(train, str) else f"last {train.last}"
-
-
-def _log(tracker: Any, result: LRFindResult, scope: str = "") -> None:
-    """Curves, suggestions and (unscoped) the plot; `scope` ('stage2/') keeps stages apart."""
-    # only the finite prefix: a metric store need not accept NaN or inf
-    n = next((k for k, v in enumerate(result.losses) if not math.isfinite(v)), len(result.losses))
-    tracker.log_steps(0, {f"lr_find/{scope}lr": result.lrs[:n], f"lr_find/{scope}loss": result.losses[:n],
-                          f"lr_find/{scope}raw_loss": result.raw_losses[:n]})
-    p = scope.replace("/", ".")
-    params: dict[str, Any] = {f"{p}suggestion.{k}": v for k, v in result.suggestions.items()}
-    params[f"lr_find.{p}stopped_early"] = result.stopped_early
-    if not scope:
-        params["lr_find.stage"] = result.stage
-    if result.start:
-        params[f"lr_find.{p}start"] = result.start
-    tracker.log_params(params)
-    if not scope:
-        _log_figure(tracker, lr_find_figure(result), "lr_find.png")
-
-
-def _log_figure(tracker: Any, fig, name: str) -> None:
-    import matplotlib.pyplot as plt
-    try:
-        tracker.log_figure(fig, name)
-    finally:
-        plt.close(fig)
-
-
-# --- the picture -------------------------------------------------------------------------
-
-def lr_find_figure(result: LRFindResult, title: str = ""):
-    """Smoothed loss against LR (log x), the last 5 points left out as fastai's plot does
-    (when more than 10 were recorded); each suggestion a labelled point on the curve."""
-    from harness.report import lr_find_panel, plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    lr_find_panel(ax, result, title)
-    fig.tight_layout()
-    return fig
 
 
 # --- `harness lr-find` -------------------------------------------------------------------
@@ -349,93 +295,25 @@ def chosen_stages(recipe: Recipe, stage: int | str) -> list[int]:
     return [check_stage(recipe, k, "--stage")]
 
 
-def run_lr_find(recipe: Recipe, workspace: str | Path, plot_path: str | Path,
-                tracking_uri: str | None = None, experiment: str = "harness-lr-find",
-                stage: int | str = 1) -> list[LRFindResult]:
-    """`harness lr-find [--stage K|all]`: the range test on each chosen stage, logged as one
-    MLflow run, with the plot saved (--stage all: every stage side by side). The stages
-    before them are loaded or trained first, so a failure there records nothing."""
-    from harness.report import lr_find_stages_figure, plt
-    from harness.tracking import default_tracking_uri, mlflow_run
-    from harness.engine.train import check_inputs
+# --- a run brought to a stage ------------------------------------------------------------------
 
-    stages = chosen_stages(recipe, stage)
-    check_inputs(recipe, workspace)
-    before = states_after(recipe, [k - 1 for k in stages], workspace)
-    uri = default_tracking_uri(workspace, tracking_uri)
-    with mlflow_run(uri, experiment, "lr-find", workspace,
-                    tags={"harness.kind": "lr-find", "lr_find.stages": stage}) as tracker:
-        tracker.log_text(recipe.to_yaml(), "recipe.yaml")
-        results = [range_test(recipe, k, before[k - 1], RangeTest(), workspace) for k in stages]
-        if len(results) == 1:
-            _log(tracker, results[0])
-        else:
-            for r in results:
-                _log(tracker, r, f"stage{r.stage}/")
-            _log_figure(tracker, lr_find_stages_figure(results), "lr_find_stages.png")
-    plot_path = Path(plot_path)
-    plot_path.parent.mkdir(parents=True, exist_ok=True)
-    fig = lr_find_figure(results[0]) if len(results) == 1 else lr_find_stages_figure(results)
-    fig.savefig(plot_path, dpi=110)
-    plt.close(fig)
-    return results
-
-
-# --- `harness sweep --lr-find`: each hyperparameter from the stage it governs ---------------
-
-# Per strategy: (the stage a finder run tests, counted from 1; the hyperparameters its valley
-# sets). A valley is an LR for the model as it stands at that stage, so an LR is read from
-# the stage it is used in: two_phase's slice top from its unfrozen stage (run after the
-# default head stage), its bottom by the default slice ratio (/100); a head LR (head_only,
-# lp_ft's probe, gradual's first stage) from the frozen body; lp_ft's `lr` from its second stage.
-CENTRING: dict[str, list[tuple[int, Callable[[float], dict[str, float]]]]] = {
-    "naive": [(1, lambda v: {"lr": v})],
-    "head_only": [(1, lambda v: {"lr": v})],
-    "gradual": [(1, lambda v: {"lr": v})],
-    "discriminative": [(1, lambda v: {"lr_high": v, "lr_low": v / 100})],
-    "two_phase": [(2, lambda v: {"lr_high": v, "lr_low": v / 100})],
-    "lp_ft": [(1, lambda v: {"lr_probe": v}), (2, lambda v: {"lr": v})],
-}
-
-
-def centred_first_trials(study, workspace: str | Path, strategies: list[str] | None = None,
-                         echo=print) -> dict[str, dict[str, Any]]:
-    """Per strategy, its default first trial with each LR moved to the LR finder's valley on
-    the stage that LR governs (CENTRING), clipped into the study's ranges."""
-    return {s: _centred_trial(study, s, workspace, echo) for s in strategies or study.strategies}
-
-
-def _centred_trial(study, strategy: str, workspace: str | Path, echo) -> dict[str, Any]:
-    from harness.sweep.space import enforce_order
-
-    first = study.baseline(strategy)
-    recipe, space, moved = study.recipe_for(strategy, first), study.spaces[strategy], dict(first)
-    found = False
-    for stage, sets in CENTRING.get(strategy, [(1, lambda v: {"lr": v})]):
-        valley = _valley(recipe, stage, workspace, strategy, echo)
-        if valley is None:
-            continue
-        found = True
-        values = sets(valley)
-        echo(f"[{strategy}] lr-find valley {valley:.3g}: stage {stage} "
-             f"({_describe(recipe.stages[stage - 1].train)}) sets {', '.join(values)}")
-        for name, value in values.items():
-            if name in space and space[name].kind != "fixed":
-                moved[name] = space[name].clip(value)
-    if not found:
-        return first
-    moved = enforce_order(moved, space)
-    echo(f"[{strategy}] first trial "
-         + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in moved.items()))
-    return moved
-
-
-def _valley(recipe: Recipe, stage: int, workspace: str | Path, strategy: str, echo) -> float | None:
-    try:
-        valley = lr_find(recipe, workspace, stage=stage).suggestions.get("valley")
-    except StagesDidNotFinish as e:
-        echo(f"[{strategy}] lr-find on stage {stage}: {e}; its hyperparameters keep their defaults")
-        return None
-    if valley is None:
-        echo(f"[{strategy}] lr-find found no valley on stage {stage}; its hyperparameters keep their defaults")
-    return valley
+def states_after(recipe: Recipe, ks: list[int], workspace: str | Path = "workspace",
+                 device: str | None = None) -> dict[int, StageCheckpoint | None]:
+    """The run after each of its first k stages, for k in `ks` (0: None, a fresh model): the
+    workspace's checkpoint where one was saved, else trained as `harness train` trains them
+    (in one run, continuing from the latest saved stage before the first missing one)."""
+    out: dict[int, StageCheckpoint | None] = {k: (find_stage(workspace, recipe, k) if k else None)
+                                              for k in sorted(set(ks))}
+    missing = [k for k in out if k and out[k] is None]
+    if not missing:
+        return out
+    saved = [k for k in range(min(missing) - 1, 0, -1) if stage_path(workspace, recipe, k).is_file()]
+    start = find_stage(workspace, recipe, saved[0]) if saved else None
+    trained: dict[int, StageCheckpoint] = {}
+    plan = StagePlan(start, max(missing), lambda c: trained.setdefault(c.stages_done, c), test=False)
+    result = fine_tune(recipe.replace(device=device) if device else recipe, workspace=workspace, plan=plan)
+    if not result.ok:
+        which = f"stages 1-{max(missing)}" if max(missing) > 1 else "stage 1"
+        raise StagesDidNotFinish(f"{which} of the recipe: {result.status} before the range test could run "
+                                 f"(lower the learning rates there)")
+    return {k: v if v is not None or not k else trained[k] for k, v in out.items()}

@@ -1,8 +1,6 @@
 """Backbones cut into layer groups, a fresh head, weights, freezing.
 
-Two kinds of model, one contract (`LayerGroups`): `n_groups`, `group_names`,
-`group_members()` (every parameter in exactly one group, input -> output, the new head
-last), `body_state_dict()`, `input_stats` (the mean/std the weights expect).
+Two kinds of model, one contract (`LayerGroups`, harness/engine/groups.py):
 - torchvision archs: a `TransferModel`, an `nn.Sequential` whose children ARE the layer
   groups, so `model[g]` is group g (fastai's splits, below).
 - `timm/<name>`: any timm architecture, grouped from its own block structure
@@ -30,13 +28,9 @@ import torchvision
 from torch import nn
 
 from harness.engine.data import InputStats
+from harness.engine.groups import TIMM_PREFIX, LayerGroups, Member, fastai_head, is_norm, linear_head
 from harness.errors import HarnessError
 
-# fastai's norm types, plus GroupNorm/RMSNorm (timm's NF-nets, GN EfficientNets, some ViTs):
-# none of fastai's splits holds one, so the torchvision archs behave exactly as fastai's.
-NORM_TYPES = tuple(t for t in (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
-                               nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if t is not None)
-TIMM_PREFIX = "timm/"
 CHECKPOINT_FORMAT = "finetune-harness-checkpoint/1"
 
 
@@ -76,78 +70,7 @@ ARCHS: dict[str, Family] = {
 }
 
 
-class AdaptiveConcatPool2d(nn.Module):
-    """Max- and average-pool to 1x1 and concatenate, max first (fastai)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([nn.functional.adaptive_max_pool2d(x, 1),
-                          nn.functional.adaptive_avg_pool2d(x, 1)], dim=1)
-
-
-def _head_bn(n: int) -> nn.BatchNorm1d:
-    bn = nn.BatchNorm1d(n)
-    nn.init.ones_(bn.weight)
-    nn.init.constant_(bn.bias, 1e-3)
-    return bn
-
-
-def fastai_head(nf: int, n_classes: int, pool: bool = True) -> nn.Sequential:
-    """fastai's default head: concat-pool, BN, dropout, 512 hidden, BN, dropout, linear.
-    `pool=False` takes `nf` pooled features (a timm ViT's pre-logits) instead of a map."""
-    n_in = 2 * nf if pool else nf
-    first = [AdaptiveConcatPool2d(), nn.Flatten()] if pool else []
-    head = nn.Sequential(
-        *first,
-        _head_bn(n_in), nn.Dropout(0.25), nn.Linear(n_in, 512, bias=False), nn.ReLU(inplace=True),
-        _head_bn(512), nn.Dropout(0.5), nn.Linear(512, n_classes, bias=False))
-    for m in head:
-        if isinstance(m, nn.Linear):
-            nn.init.kaiming_normal_(m.weight)
-    return head
-
-
-def linear_head(nf: int, n_classes: int) -> nn.Sequential:
-    """A plain head: average-pool, one linear layer."""
-    fc = nn.Linear(nf, n_classes)
-    nn.init.kaiming_normal_(fc.weight)
-    nn.init.zeros_(fc.bias)
-    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), fc)
-
-
 HEADS = {"fastai": fastai_head, "linear": linear_head}
-
-
-Member = tuple[str, nn.Parameter, bool]   # (qualified name, parameter, owned by a norm layer)
-
-
-def group_names(n: int) -> list[str]:
-    """Names of n layer groups, input -> output: early/late/head for fastai's 3."""
-    if n == 3:
-        return ["early", "late", "head"]
-    if n == 2:
-        return ["body", "head"]
-    return [f"body{g}" for g in range(1, n)] + ["head"]
-
-
-class LayerGroups:
-    """What the trainer needs of a model: its layer groups and its weights' input statistics."""
-    arch: str
-    group_names: list[str]
-    input_stats: InputStats = InputStats()   # ImageNet's, unless the weights say otherwise
-
-    @property
-    def n_groups(self) -> int:
-        return len(self.group_names)
-
-    def group_members(self) -> list[list[Member]]:
-        raise NotImplementedError
-
-    def body_state_dict(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def group_blocks(self) -> list[list[str]]:
-        """Per group, the module (or block) names it holds, for `harness groups`."""
-        raise NotImplementedError
 
 
 class TransferModel(LayerGroups, nn.Sequential):
@@ -256,37 +179,3 @@ def load_body(model: LayerGroups, path: str | Path) -> dict:
     return ckpt.get("meta", {})
 
 
-# --- freezing and parameter groups ------------------------------------------------------
-
-def is_norm(m: nn.Module) -> bool:
-    return isinstance(m, NORM_TYPES)
-
-
-def set_trainable(model: LayerGroups, n_trainable: int, train_bn: bool = True) -> None:
-    """Train the last `n_trainable` groups; earlier groups are frozen except (if train_bn)
-    their normalisation layers, as fastai's freeze_to does."""
-    first = model.n_groups - n_trainable
-    for g, members in enumerate(model.group_members()):
-        for _, p, norm in members:
-            p.requires_grad_(g >= first or (train_bn and norm))
-
-
-def param_groups(model: LayerGroups, weight_decay: float) -> list[dict]:
-    """Two optimizer param groups per layer group: with weight decay, and without it
-    (normalisation parameters, every bias, and what a timm model lists in
-    `no_weight_decay()`: position embeddings, class tokens). Key `layer_group` says which."""
-    skip = getattr(model, "no_decay_names", frozenset())
-    out = []
-    for g, members in enumerate(model.group_members()):
-        decay, no_decay = [], []
-        for name, p, norm in members:
-            (no_decay if norm or name.rsplit(".", 1)[-1] == "bias" or name in skip else decay).append(p)
-        out.append({"params": decay, "weight_decay": weight_decay, "layer_group": g})
-        out.append({"params": no_decay, "weight_decay": 0.0, "layer_group": g})
-    return [pg for pg in out if pg["params"]]
-
-
-def describe_groups(model: LayerGroups) -> list[dict]:
-    """Per layer group: its name, the modules (or blocks) it holds, its parameter count."""
-    return [{"group": name, "modules": blocks, "parameters": sum(p.numel() for _, p, _ in members)}
-            for name, blocks, members in zip(model.group_names, model.group_blocks(), model.group_members())]

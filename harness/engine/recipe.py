@@ -120,7 +120,8 @@ class ModelConfig(_Strict):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
-        from harness.engine.models import ARCHS, TIMM_PREFIX
+        from harness.engine.groups import TIMM_PREFIX
+        from harness.engine.models import ARCHS
         if v.startswith(TIMM_PREFIX):
             from harness.engine.timm_models import check_timm_arch
             check_timm_arch(v)
@@ -128,7 +129,7 @@ class ModelConfig(_Strict):
         if v not in ARCHS:
             import timm
             in_timm = timm.is_model(v.split(".", 1)[0])
-            hint = f" (did you mean '{TIMM_PREFIX}{v}'?)" if in_timm else _did_you_mean(v, ARCHS)
+            hint = f" (did you mean '{TIMM_PREFIX}{v}'?)" if in_timm else did_you_mean(v, ARCHS)
             raise ValueError(f"unknown arch '{v}'{hint} "
                              f"(known: {', '.join(ARCHS)}, or timm/<name> for any timm model)")
         return v
@@ -136,7 +137,7 @@ class ModelConfig(_Strict):
     @field_validator("groups")
     @classmethod
     def _groups_for_arch(cls, v: int, info) -> int:
-        from harness.engine.models import TIMM_PREFIX
+        from harness.engine.groups import TIMM_PREFIX
         arch = info.data.get("arch")
         if arch and not arch.startswith(TIMM_PREFIX) and v != 3:
             raise ValueError(f"{arch} has fastai's 3-group split; use arch {TIMM_PREFIX}{arch} for {v} groups")
@@ -200,6 +201,28 @@ class Recipe(_Strict):
         return Recipe.from_dict({**self.to_dict(), **changes})
 
 
+def config_hash(recipe: Recipe) -> str:
+    """What a recipe trains, as a short hash: the key of pretrained bodies and stage checkpoints.
+    The device is left out: it does not change what is learned enough to train again for it."""
+    import hashlib
+    return hashlib.sha256(recipe.replace(device="auto").to_yaml().encode()).hexdigest()[:16]
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, str]:
+    """{'a': {'b': 1}, 'l': [x, y]} -> {'a.b': '1', 'l.0': ...}; lists of scalars stay whole
+    (a recipe as MLflow params, and the field where two recipes differ)."""
+    out: dict[str, str] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(d, list) and any(isinstance(v, (dict, list)) for v in d):
+        for i, v in enumerate(d):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix.rstrip(".")] = str(d)
+    return out
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML mapping safely; a missing file or bad syntax is a one-line HarnessError."""
     p = Path(path)
@@ -221,7 +244,7 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def _did_you_mean(word: str, options) -> str:
+def did_you_mean(word: str, options) -> str:
     close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -267,7 +290,7 @@ def format_validation_error(e: ValidationError, model: type[BaseModel]) -> str:
     loc = tuple(err["loc"])
     if err["type"] == "extra_forbidden":
         name = loc[-1]
-        hint = _did_you_mean(name, _fields_at(model, loc[:-1]))
+        hint = did_you_mean(name, _fields_at(model, loc[:-1]))
         return f"{format_loc(loc)}: unknown key{hint}"
     msg = err["msg"]
     msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")

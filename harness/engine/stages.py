@@ -7,7 +7,7 @@ RNG (dropout), the step and epoch counters and the Result history so far. No opt
 state: it is reset at every stage (fastai), so a stage boundary needs none.
 
 Key: the recipe's prefix (its first K stages, device left out, the rule of
-`harness.pretrain.config_hash`), seed included; stored as
+`harness.engine.recipe.config_hash`), seed included; stored as
 WORKSPACE/checkpoints/stages/<hash>-stage<K>.pt and loaded with weights_only=True.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from harness.errors import HarnessError
-from harness.engine.recipe import Recipe
+from harness.engine.recipe import Recipe, config_hash, flatten
 
 if TYPE_CHECKING:
     from harness.engine.train import Prepared
@@ -56,6 +56,7 @@ class StagePlan:
     start: StageCheckpoint | None = None                          # continue after its stages
     stop: int | None = None                                       # run stages up to this one (1-based), then return
     on_stage: Callable[[StageCheckpoint], None] | None = None     # called after every finished stage
+    test: bool = True                                             # score the test split after the last stage
 
 
 # --- keys ------------------------------------------------------------------------------
@@ -67,7 +68,6 @@ def prefix_recipe(recipe: Recipe, k: int) -> Recipe:
 
 
 def prefix_key(recipe: Recipe, k: int) -> str:
-    from harness.pretrain import config_hash
     return config_hash(prefix_recipe(recipe, k))
 
 
@@ -177,36 +177,6 @@ def _yaml(text: str) -> dict:
 
 def _first_difference(a: str, b: str) -> str:
     """The first flattened field where two recipe YAMLs differ, e.g. 'stages.0.lr.max' or 'seed'."""
-    from harness.tracking import flatten
     fa, fb = flatten(_yaml(a)), flatten(_yaml(b))
     diff = [k for k in list(fa) + [k for k in fb if k not in fa] if fa.get(k) != fb.get(k)]
     return diff[0] if diff else "its format"
-
-
-# --- a run brought to a stage ------------------------------------------------------------------
-
-def states_after(recipe: Recipe, ks: list[int], workspace: str | Path = "workspace",
-                 device: str | None = None) -> dict[int, StageCheckpoint | None]:
-    """The run after each of its first k stages, for k in `ks` (0: None, a fresh model): the
-    workspace's checkpoint where one was saved, else trained as `harness train` trains them
-    (in one run, continuing from the latest saved stage before the first missing one)."""
-    out: dict[int, StageCheckpoint | None] = {k: (find_stage(workspace, recipe, k) if k else None)
-                                              for k in sorted(set(ks))}
-    missing = [k for k in out if k and out[k] is None]
-    if not missing:
-        return out
-    saved = [k for k in range(min(missing) - 1, 0, -1) if stage_path(workspace, recipe, k).is_file()]
-    start = find_stage(workspace, recipe, saved[0]) if saved else None
-    trained: dict[int, StageCheckpoint] = {}
-    result = _train(recipe, StagePlan(start, max(missing), lambda c: trained.setdefault(c.stages_done, c)),
-                    workspace, device)
-    if not result.ok:
-        which = f"stages 1-{max(missing)}" if max(missing) > 1 else "stage 1"
-        raise StagesDidNotFinish(f"{which} of the recipe: {result.status} before the range test could run "
-                           f"(lower the learning rates there)")
-    return {k: v if v is not None or not k else trained[k] for k, v in out.items()}
-
-
-def _train(recipe: Recipe, plan: StagePlan, workspace: str | Path, device: str | None):
-    from harness.engine.train import fine_tune
-    return fine_tune(recipe, workspace=workspace, device=device, evaluate_test=False, plan=plan)

@@ -34,7 +34,7 @@ from torch import nn
 
 from harness.engine.data import InputStats
 from harness.errors import HarnessError
-from harness.engine.models import TIMM_PREFIX, LayerGroups, Member, fastai_head, group_names, is_norm
+from harness.engine.groups import TIMM_PREFIX, LayerGroups, Member, fastai_head, group_names, is_norm
 
 
 def timm_name(arch: str) -> str:

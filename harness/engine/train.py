@@ -19,10 +19,12 @@ from torch import nn
 from harness.engine import data as data_mod
 from harness import interrupts
 from harness.errors import HarnessError
-from harness.engine.models import TIMM_PREFIX, LayerGroups, build_model, param_groups, set_trainable
+from harness.engine.groups import TIMM_PREFIX, LayerGroups, param_groups, set_trainable
+from harness.engine.models import build_model
 from harness.engine.recipe import Recipe, Stage
 from harness.engine.schedule import one_cycle_lr, one_cycle_mom
 from harness.engine.stages import StagePlan, capture, check_prefix, restore
+from harness.engine.step import Hyper, autocast, model_format, train_step
 
 
 class Tracker(Protocol):
@@ -50,11 +52,33 @@ class EpochStats:
     seconds: float
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """How a fine-tune ended: ok, diverged at step k, or out of memory at batch size B.
+    A divergence or an out-of-memory is a result of the trial (its LR, its batch size), not
+    an error: a sweep records it and goes on."""
+    kind: str = "ok"                   # ok | diverged | out_of_memory
+    step: int | None = None            # diverged: the global step (0-based) where it showed
+    batch_size: int | None = None      # out_of_memory
+    detail: str = ""                   # diverged: what was non-finite, when not the training loss
+
+    @property
+    def ok(self) -> bool:
+        return self.kind == "ok"
+
+    def __str__(self) -> str:
+        if self.kind == "diverged":
+            return f"diverged at step {self.step}" + (f" ({self.detail})" if self.detail else "")
+        if self.kind == "out_of_memory":
+            return f"out of memory at batch size {self.batch_size}"
+        return "ok"
+
+
 @dataclass
 class Result:
     """What a fine-tune produced: per-epoch stats, test accuracy, the LR history."""
-    status: str                                 # "ok" or "diverged at step k"
     group_names: list[str]
+    outcome: Outcome = Outcome()
     epochs: list[EpochStats] = field(default_factory=list)
     test_accuracy: float | None = None
     lrs: list[list[float]] = field(default_factory=list)     # [step][group], as the optimizer held them
@@ -68,7 +92,12 @@ class Result:
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        return self.outcome.ok
+
+    @property
+    def status(self) -> str:
+        """The outcome in words ("ok", "diverged at step 12", ...): the run's tag and reason."""
+        return str(self.outcome)
 
     def history(self) -> dict:
         """What a stage checkpoint keeps of the run so far (a continued run picks it up)."""
@@ -115,20 +144,12 @@ def evaluate(model: nn.Module, split: data_mod.Split, batch_size: int, device: t
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     for x, y in data_mod.eval_batches(split, batch_size, getattr(model, "input_stats", None)):
-        with _autocast(device):
-            out = model(_memory_format(x, device))
+        with autocast(device):
+            out = model(model_format(x, device))
         loss_sum += nn.functional.cross_entropy(out.float(), y, reduction="sum")
         correct += (out.argmax(1) == y).sum()
     model.train()
     return loss_sum.item() / n, correct.item() / n
-
-
-def _autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def _memory_format(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
 @dataclass
@@ -150,11 +171,7 @@ def prepare(recipe: Recipe, workspace: str | Path = "workspace", device: str | N
         torch.backends.cudnn.benchmark = True
     ds = data_mod.load_dataset(recipe.data, Path(workspace), recipe.seed)
     train_split = data_mod.to_device(ds.train, dev)
-    bs = recipe.data.batch_size
-    n_iter = data_mod.steps_per_epoch(len(train_split.y), bs)
-    if n_iter == 0:
-        raise HarnessError(f"data.batch_size: {bs} is larger than the training set "
-                           f"({len(train_split.y)} images)")
+    n_iter = _steps_per_epoch(len(train_split.y), recipe.data.batch_size)
     model = _build(recipe, len(ds.class_names))
     model = model.to(dev, memory_format=torch.channels_last if dev.type == "cuda" else torch.contiguous_format)
     model.train()
@@ -170,11 +187,16 @@ def check_inputs(recipe: Recipe, workspace: str | Path = "workspace") -> None:
     if len(ds.class_names) < 2:   # an image folder with a single class folder
         where = f"data.root: {recipe.data.root}" if recipe.data.dataset == "imagefolder" else "data.classes:"
         raise HarnessError(f"{where} has only one class ({ds.class_names[0]}); a classifier needs at least 2")
-    n_train, bs = len(ds.train.y), recipe.data.batch_size
-    if data_mod.steps_per_epoch(n_train, bs) == 0:   # as prepare() would find, after a run was opened
-        raise HarnessError(f"data.batch_size: {bs} is larger than the training set ({n_train} images)")
+    _steps_per_epoch(len(ds.train.y), recipe.data.batch_size)   # as prepare() will, before a run is opened
     if recipe.model.weights != "none" or recipe.model.arch.startswith(TIMM_PREFIX):
         _build(recipe, len(ds.class_names))   # weights found and fitting; a timm model's groups and input size
+
+
+def _steps_per_epoch(n_train: int, batch_size: int) -> int:
+    n_iter = data_mod.steps_per_epoch(n_train, batch_size)
+    if n_iter == 0:
+        raise HarnessError(f"data.batch_size: {batch_size} is larger than the training set ({n_train} images)")
+    return n_iter
 
 
 def _build(recipe: Recipe, n_classes: int, weights: str | None = None) -> LayerGroups:
@@ -189,100 +211,107 @@ def layer_groups(recipe: Recipe, workspace: str | Path = "workspace") -> LayerGr
     return _build(recipe, len(ds.class_names), weights="none")
 
 
-def fine_tune(recipe: Recipe, tracker: Tracker | None = None,
-              report: Callable[[int, float | None], None] | None = None,
-              workspace: str | Path = "workspace", progress: bool = False,
-              device: str | None = None, evaluate_test: bool = True, *,
+def fine_tune(recipe: Recipe, tracker: Tracker | None = None, workspace: str | Path = "workspace", *,
+              report: Callable[[int, float | None], None] | None = None, progress: bool = False,
               plan: StagePlan | None = None) -> Result:
     """Run the recipe's stages; log to `tracker`; call `report(epoch, val_accuracy)` after
     every epoch (a pruner may raise from it). Returns the Result with the trained model.
-    Sweeps pass `evaluate_test=False`: the test split is never looked at while tuning.
-    `plan` continues from a stage checkpoint, stops after a stage, or keeps every stage's
-    checkpoint (harness/stages.py); a stopped run looks at no test split."""
-    tracker, plan = tracker or NullTracker(), plan or StagePlan()
-    run = prepare(recipe, workspace, device)
-    dev, ds, train_split, model, gen = run.device, run.dataset, run.train, run.model, run.generator
-    n_iter = run.n_iter
-    val_split = data_mod.to_device(ds.val, dev)
-    bs = recipe.data.batch_size
-    n_groups, input_stats = model.n_groups, model.input_stats
-    result = Result(status="ok", group_names=model.group_names, n_train=len(train_split.y),
-                    class_names=list(ds.class_names), model=model, input_stats=input_stats)
+    `plan` continues from a stage checkpoint, stops after a stage, keeps every stage's
+    checkpoint (harness/engine/stages.py), or leaves the test split alone (`test=False`:
+    sweeps never look at it while tuning); a stopped run looks at no test split."""
+    plan = plan or StagePlan()
+    run = prepare(recipe, workspace)
+    result = Result(group_names=run.model.group_names, n_train=len(run.train.y),
+                    class_names=list(run.dataset.class_names), model=run.model, input_stats=run.model.input_stats)
     first, stop, step, epoch = _stage_range(recipe, plan, run, result)
-    bar = _progress_bar(n_iter * sum(s.epochs for s in recipe.stages[first:stop]), progress)
+    loop = _Loop(recipe, run, result, tracker or NullTracker(), report, (step, epoch))
+    loop.bar = _progress_bar(run.n_iter * sum(s.epochs for s in recipe.stages[first:stop]), progress)
     start = time.perf_counter()
-
     try:
-        for stage_idx in range(first, stop):
-            stage = recipe.stages[stage_idx]
-            set_trainable(model, stage.trainable_groups(n_groups), recipe.model.train_bn)
-            opt = make_optimizer(model, stage, recipe, dev)
-            heads = [next(pg for pg in opt.param_groups if pg["layer_group"] == g) for g in range(n_groups)]
-            peaks = stage.peak_lrs(n_groups)
-            T = stage.epochs * n_iter
-            result.stage_starts.append(step)
-            for _ in range(stage.epochs):
-                t0, first_step, losses = time.perf_counter(), step, []
-                for i, (x, y) in enumerate(data_mod.train_batches(train_split, bs, gen, recipe.data.augment,
-                                                                          input_stats)):
-                    interrupts.checkpoint()
-                    s = step - result.stage_starts[-1]
-                    mom = one_cycle_mom(s, T, stage.pct_start, stage.moms)
-                    for pg in opt.param_groups:
-                        pg["lr"] = one_cycle_lr(s, T, peaks[pg["layer_group"]], stage.div, stage.div_final,
-                                                stage.pct_start)
-                        pg["betas"] = (mom, recipe.optimizer.sqr_mom)
-                    result.lrs.append([pg["lr"] for pg in heads])
-                    result.moms.append(heads[0]["betas"][0])
-                    with _autocast(dev):
-                        loss = nn.functional.cross_entropy(model(_memory_format(x, dev)).float(), y)
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    losses.append(loss.detach())
-                    step += 1
-                    bar.update(1)
-                epoch += 1
-                step_losses = torch.stack(losses).float().cpu()   # the one read per epoch
-                _log_steps(tracker, result, first_step, step_losses)
-                bad = (~torch.isfinite(step_losses)).nonzero()
-                if len(bad):
-                    result.status = f"diverged at step {first_step + int(bad[0])}"
-                    break
-                val_loss, val_acc = evaluate(model, val_split, 2 * bs, dev)
-                if val_loss is not None and not math.isfinite(val_loss):
-                    # the weights blew up even if the last training losses were still finite
-                    result.status = f"diverged at step {step - 1} (validation loss is {val_loss})"
-                    break
-                stats = EpochStats(epoch, stage_idx, float(step_losses.mean()), val_loss, val_acc,
-                                   time.perf_counter() - t0)
-                result.epochs.append(stats)
-                tracker.log_epoch(epoch, {k: v for k, v in (("train/loss_epoch", stats.train_loss),
-                                                             ("val/loss", val_loss),
-                                                             ("val/accuracy", val_acc)) if v is not None})
-                bar.set_postfix_str(f"epoch {epoch} val_acc {val_acc if val_acc is None else round(val_acc, 4)}")
-                if report is not None:
-                    report(epoch, val_acc)
-            if not result.ok:
+        for k in range(first, stop):
+            if not loop.run_stage(k):
                 break
             if plan.on_stage is not None:
-                plan.on_stage(capture(recipe, stage_idx + 1, run, (step, epoch), result.history()))
-        if result.ok and evaluate_test and stop == len(recipe.stages):
-            _, result.test_accuracy = evaluate(model, data_mod.to_device(ds.test, dev), 2 * bs, dev)
-            if result.test_accuracy is not None:
-                tracker.log_epoch(epoch, {"test/accuracy": result.test_accuracy})
+                plan.on_stage(capture(recipe, k + 1, run, (loop.step, loop.epoch), result.history()))
+        if result.ok and plan.test and stop == len(recipe.stages):
+            loop.test()
     except Exception as e:
         if not _out_of_memory(e):
             raise
         # a property of the trial (its batch size, its model), not of the machine: a failed
         # result, and a sweep goes on with the next trial
-        result.status = f"out of memory at batch size {bs}"
+        result.outcome = Outcome("out_of_memory", batch_size=recipe.data.batch_size)
     finally:
-        bar.close()
-    if result.status.startswith("out of memory"):
-        _release_memory(dev)   # here, where the failed step's frames are gone
+        loop.bar.close()
+    if result.outcome.kind == "out_of_memory":
+        _release_memory(run.device)   # here, where the failed step's frames are gone
     result.seconds = time.perf_counter() - start
     return result
+
+
+class _Loop:
+    """fine_tune's state across its stages: the step and epoch counters, where the numbers go.
+    No host synchronisation inside an epoch: its losses are read once, at its end."""
+
+    def __init__(self, recipe: Recipe, run: Prepared, result: Result, tracker: Tracker,
+                 report: Callable[[int, float | None], None] | None, counters: tuple[int, int]):
+        self.recipe, self.run, self.result, self.tracker, self.report = recipe, run, result, tracker, report
+        self.step, self.epoch = counters
+        self.val = data_mod.to_device(run.dataset.val, run.device)
+        self.bar = _NoBar()
+
+    def run_stage(self, k: int) -> bool:
+        """Stage k (0-based): one one-cycle fit from a fresh optimizer; False when it diverged."""
+        stage, model = self.recipe.stages[k], self.run.model
+        set_trainable(model, stage.trainable_groups(model.n_groups), self.recipe.model.train_bn)
+        opt = make_optimizer(model, stage, self.recipe, self.run.device)
+        self.result.stage_starts.append(self.step)
+        return all(self.run_epoch(k, opt) for _ in range(stage.epochs))
+
+    def run_epoch(self, k: int, opt: torch.optim.Optimizer) -> bool:
+        recipe, run, result = self.recipe, self.run, self.result
+        stage, bs = recipe.stages[k], recipe.data.batch_size
+        peaks, total = stage.peak_lrs(run.model.n_groups), stage.epochs * run.n_iter
+        t0, first_step, losses = time.perf_counter(), self.step, []
+        for x, y in data_mod.train_batches(run.train, bs, run.generator, recipe.data.augment, run.model.input_stats):
+            interrupts.checkpoint()
+            s = self.step - result.stage_starts[-1]
+            hyper = Hyper([one_cycle_lr(s, total, peak, stage.div, stage.div_final, stage.pct_start) for peak in peaks],
+                          one_cycle_mom(s, total, stage.pct_start, stage.moms), recipe.optimizer.sqr_mom)
+            result.lrs.append(list(hyper.lrs))
+            result.moms.append(hyper.beta1)
+            losses.append(train_step(run.model, opt, x, y, hyper))
+            self.step += 1
+            self.bar.update(1)
+        self.epoch += 1
+        step_losses = torch.stack(losses).float().cpu()   # the one read per epoch
+        _log_steps(self.tracker, result, first_step, step_losses)
+        bad = (~torch.isfinite(step_losses)).nonzero()
+        if len(bad):
+            result.outcome = Outcome("diverged", step=first_step + int(bad[0]))
+            return False
+        val_loss, val_acc = evaluate(run.model, self.val, 2 * bs, run.device)
+        if val_loss is not None and not math.isfinite(val_loss):
+            # the weights blew up even if the last training losses were still finite
+            result.outcome = Outcome("diverged", step=self.step - 1, detail=f"validation loss is {val_loss}")
+            return False
+        stats = EpochStats(self.epoch, k, float(step_losses.mean()), val_loss, val_acc, time.perf_counter() - t0)
+        result.epochs.append(stats)
+        self.tracker.log_epoch(self.epoch, {name: v for name, v in (("train/loss_epoch", stats.train_loss),
+                                                                     ("val/loss", val_loss),
+                                                                     ("val/accuracy", val_acc)) if v is not None})
+        self.bar.set_postfix_str(f"epoch {self.epoch} val_acc {val_acc if val_acc is None else round(val_acc, 4)}")
+        if self.report is not None:
+            self.report(self.epoch, val_acc)
+        return True
+
+    def test(self) -> None:
+        run = self.run
+        _, acc = evaluate(run.model, data_mod.to_device(run.dataset.test, run.device),
+                          2 * self.recipe.data.batch_size, run.device)
+        self.result.test_accuracy = acc
+        if acc is not None:
+            self.tracker.log_epoch(self.epoch, {"test/accuracy": acc})
 
 
 def _stage_range(recipe: Recipe, plan: StagePlan, run: Prepared, result: Result) -> tuple[int, int, int, int]:

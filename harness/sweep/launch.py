@@ -11,11 +11,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 from harness.errors import HarnessError
-from harness.sweep.study import Study
+from harness.stores import Stores
+from harness.sweep.study import Selection, Study
 
 
 class WorkersFailed(HarnessError):
@@ -52,9 +53,16 @@ def plan(workers: int | None, gpus: list[str], per_gpu: int = 1, cpus: int | Non
     return [{"OMP_NUM_THREADS": str(max(1, cpus // k))} for _ in range(k)]
 
 
-def worker_envs(study: Study, workers: int | None, per_gpu: int = 1) -> list[dict[str, str]]:
+@dataclass(frozen=True)
+class Launch:
+    """--workers (default: one per GPU, or 1 on a CPU) and --workers-per-gpu."""
+    workers: int | None = None
+    per_gpu: int = 1
+
+
+def worker_envs(study: Study, launch: Launch) -> list[dict[str, str]]:
     device = str(study.base.get("device", "auto"))
-    return plan(workers, visible_gpus(device), per_gpu)
+    return plan(launch.workers, visible_gpus(device), launch.per_gpu)
 
 
 def describe(envs: list[dict[str, str]]) -> str:
@@ -64,11 +72,11 @@ def describe(envs: list[dict[str, str]]) -> str:
     return f"the CPU, {envs[0]['OMP_NUM_THREADS']} thread(s) each"
 
 
-def worker_argv(study: Study, workspace: str | Path, strategies: list[str], n_trials: int,
-                heartbeat: int) -> list[str]:
-    argv = [sys.executable, "-m", "harness", "worker", study.source, "--workspace", str(workspace),
-            "--trials", str(n_trials), "--heartbeat", str(heartbeat)]
-    for s in strategies:
+def worker_argv(study: Study, stores: Stores, selection: Selection) -> list[str]:
+    """A worker's command line; the store URLs go in its environment (`Stores.env`)."""
+    argv = [sys.executable, "-m", "harness", "worker", study.source, "--workspace", str(stores.workspace),
+            "--trials", str(selection.trials), "--heartbeat", str(stores.heartbeat)]
+    for s in selection.strategies:
         argv += ["--strategy", s]
     return argv
 

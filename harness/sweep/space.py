@@ -1,22 +1,27 @@
 """A strategy's search space as data, and the ONLY place that calls `trial.suggest_*`.
 
 Syntax per hyperparameter: float `{low, high, log}`, int `{low, high}` (int when the
-strategy's default is an int), `{choices: [...]}`, or a fixed value. Ordered pairs such as
-`lr_low <= lr_high` hold by construction: the second one is sampled inside the first's
-bound, so no trial is ever wasted on an impossible combination.
+strategy's default is an int), `{choices: [...]}`, or a fixed value. A space carries its
+strategy's rules (harness/sweep/strategies.py): ordered pairs such as `lr_low <= lr_high`
+hold by construction (the second one is sampled inside the first's bound, so no trial is
+ever wasted on an impossible combination), and epoch splits leave the next stage an epoch.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from harness.errors import HarnessError
 
-# (a, b): a <= b always
-ORDERED_PAIRS = [("lr_low", "lr_high")]
-# hyperparameters counted in epochs that must leave at least one epoch for the next stage
-EPOCH_SPLITS = ("freeze_epochs", "probe_epochs")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What must hold between a strategy's hyperparameters in every trial."""
+    ordered_pairs: tuple[tuple[str, str], ...] = ()   # (a, b): a <= b always
+    epoch_splits: tuple[str, ...] = ()                # epochs of a first stage: at least 1, below the budget
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,26 @@ class ParamSpec:
         if self.kind == "choices":
             return max(c for c in self.choices if c <= bound)
         return self.clip(bound)
+
+
+class Space(Mapping):
+    """One strategy's search space: hyperparameter name -> ParamSpec (a read-only mapping),
+    with the strategy's rules."""
+
+    def __init__(self, params: dict[str, ParamSpec] | None = None, rules: Rules = Rules()):
+        self._params, self.rules = dict(params or {}), rules
+
+    def __getitem__(self, name: str) -> ParamSpec:
+        return self._params[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._params)
+
+    def __len__(self) -> int:
+        return len(self._params)
+
+    def __repr__(self) -> str:
+        return f"Space({self._params!r}, {self.rules!r})"
 
 
 def _distance(a: Any, b: Any) -> float:
@@ -98,10 +123,10 @@ def parse_param(field: str, raw: Any, default: Any) -> ParamSpec:
     return ParamSpec(name, "fixed", value=raw)
 
 
-def check_space(prefix: str, space: dict[str, ParamSpec], budget: int) -> None:
+def check_space(prefix: str, space: Space, budget: int) -> None:
     """Refuse spaces where a constraint could fail: epoch splits reaching the budget,
     ordered pairs that cannot be satisfied."""
-    for name in EPOCH_SPLITS:
+    for name in space.rules.epoch_splits:
         spec = space.get(name)
         if spec is None:
             continue
@@ -110,7 +135,7 @@ def check_space(prefix: str, space: dict[str, ParamSpec], budget: int) -> None:
         if spec.highest >= budget:
             raise HarnessError(f"{prefix}.{name}: {spec.highest} reaches budget.epochs ({budget}); "
                                f"the highest allowed is {budget - 1}")
-    for a, b in ORDERED_PAIRS:
+    for a, b in space.rules.ordered_pairs:
         if a not in space or b not in space:
             continue
         kinds = {space[a].kind, space[b].kind}
@@ -124,33 +149,33 @@ def check_space(prefix: str, space: dict[str, ParamSpec], budget: int) -> None:
                                f"{b} ({space[b].lowest}), so some trials could have {a} > {b}")
 
 
-def baseline(space: dict[str, ParamSpec], defaults: dict[str, Any]) -> dict[str, Any]:
+def baseline(space: Space, defaults: dict[str, Any]) -> dict[str, Any]:
     """The published defaults clipped into the space, for the params that are searched."""
     values = enforce_order({n: s.clip(defaults[n]) for n, s in space.items()}, space)
     return {n: v for n, v in values.items() if space[n].kind != "fixed"}
 
 
-def enforce_order(values: dict[str, Any], space: dict[str, ParamSpec]) -> dict[str, Any]:
+def enforce_order(values: dict[str, Any], space: Space) -> dict[str, Any]:
     """`values` with the lower member of every ordered pair moved down to its partner when
     it sits above it (to the nearest value of its own space, when it has one)."""
     values = dict(values)
-    for a, b in ORDERED_PAIRS:
+    for a, b in space.rules.ordered_pairs:
         if a in values and b in values and values[a] > values[b]:
             values[a] = space[a].clip_below(values[b]) if a in space else values[b]
     return values
 
 
-def _sampling_order(space: dict[str, ParamSpec]) -> list[str]:
+def _sampling_order(space: Space) -> list[str]:
     # fixed values first; then, in each ordered pair, the upper one before the lower one
     names = sorted(space, key=lambda n: space[n].kind != "fixed")
-    for a, b in ORDERED_PAIRS:
+    for a, b in space.rules.ordered_pairs:
         if a in names and b in names and space[a].kind != "fixed" and space[b].kind != "fixed":
             names.remove(b)
             names.insert(names.index(a), b)
     return names
 
 
-def suggest(trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
+def suggest(trial, space: Space) -> dict[str, Any]:
     """Sample every hyperparameter of `space` for an Optuna trial (fixed ones pass through)."""
     values: dict[str, Any] = {}
     for name in _sampling_order(space):
@@ -158,7 +183,7 @@ def suggest(trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
         if spec.kind == "fixed":
             values[name] = spec.value
             continue
-        low, high = _bounds(name, spec, values)
+        low, high = _bounds(name, spec, values, space.rules)
         if spec.kind == "choices":
             allowed = [c for c in spec.choices if low <= c <= high] if low is not None else list(spec.choices)
             values[name] = trial.suggest_categorical(name, allowed)
@@ -169,9 +194,9 @@ def suggest(trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
     return values
 
 
-def _bounds(name: str, spec: ParamSpec, values: dict[str, Any]) -> tuple:
+def _bounds(name: str, spec: ParamSpec, values: dict[str, Any], rules: Rules) -> tuple:
     low, high = spec.low, spec.high
-    for a, b in ORDERED_PAIRS:
+    for a, b in rules.ordered_pairs:
         if name == a and b in values:
             high = values[b] if high is None else min(high, values[b])
             low = -math.inf if low is None else low

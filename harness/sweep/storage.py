@@ -6,7 +6,8 @@
 - PostgreSQL (`postgresql://...`): many machines; trials keep a heartbeat and a trial
   whose worker went silent is failed after the grace period and run again.
 
-A spec is a URL, or a journal file's path (anything without "://").
+A spec is a URL, or a journal file's path (anything without "://"); harness/stores.py
+works out which one a command uses.
 """
 from __future__ import annotations
 
@@ -21,22 +22,6 @@ from typing import Callable
 import optuna
 
 from harness.errors import HarnessError, reason, redact
-
-JOURNAL = "optuna.journal"
-LEGACY_SQLITE = "optuna.db"     # the default before several workers existed
-
-
-def resolve(workspace: str | Path, explicit: str | None = None) -> str:
-    """--storage, else HARNESS_STORAGE, else the workspace's journal file (its SQLite file
-    when an older sweep left one there and no journal exists)."""
-    spec = explicit or os.environ.get("HARNESS_STORAGE")
-    if spec:
-        return spec if "://" in spec else str(Path(spec).resolve())
-    ws = Path(workspace).resolve()
-    if (ws / LEGACY_SQLITE).exists() and not (ws / JOURNAL).exists():
-        return f"sqlite:///{ws / LEGACY_SQLITE}"
-    return str(ws / JOURNAL)
-
 
 def kind(spec: str) -> str:
     """'journal', 'sqlite' or 'postgresql'."""

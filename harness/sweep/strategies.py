@@ -1,14 +1,23 @@
 """Fine-tuning strategies: hyperparameters + a total epoch budget -> a list of stages.
 
 Each strategy spends exactly `epochs` epochs, so strategies compare on equal budgets.
+Everything the harness knows of a strategy is its record (`Strategy`, in STRATEGIES below):
+the stage builder (whose keyword defaults are the published hyperparameters), the rules
+its search space keeps, and how `harness sweep --lr-find` centres its first trial. The
+search space, the study loader and the LR-finder centring all read the record.
+
+Adding a strategy: write its stage builder here, add its `Strategy(...)` to STRATEGIES, and
+a test in tests/test_strategies.py (its stages and budget). Nothing else changes.
 """
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Callable
 
-from harness.errors import HarnessError
 from harness.engine.recipe import Stage
+from harness.errors import HarnessError
+from harness.sweep.space import Rules
 
 
 def naive(epochs: int, lr: float = 1e-3, pct_start: float = 0.25) -> list[Stage]:
@@ -71,30 +80,66 @@ def _check_freeze(epochs: int, freeze: int, field: str = "freeze_epochs") -> Non
         raise HarnessError(f"{field}: must be between 1 and budget.epochs - 1 = {epochs - 1}, got {freeze}")
 
 
-STRATEGIES: dict[str, Callable[..., list[Stage]]] = {
-    "naive": naive, "head_only": head_only, "two_phase": two_phase,
-    "discriminative": discriminative, "gradual": gradual, "lp_ft": lp_ft,
-}
+# An LR-finder valley -> the hyperparameters it sets, read on one stage of the default first trial.
+Centring = tuple[tuple[int, Callable[[float], dict[str, float]]], ...]
+LR_FROM_STAGE_1: Centring = ((1, lambda v: {"lr": v}),)
+SLICE = (("lr_low", "lr_high"),)     # slice(lr_low, lr_high): the bottom never above the top
 
 
-def defaults(strategy: str) -> dict[str, float | int]:
-    """The published default hyperparameters of a strategy (its signature's defaults)."""
-    sig = inspect.signature(STRATEGIES[strategy])
-    return {n: p.default for n, p in sig.parameters.items()
-            if n not in ("epochs", "n_groups") and p.default is not inspect.Parameter.empty}
+@dataclass(frozen=True)
+class Strategy:
+    """One strategy's record.
+
+    `centring`: per (stage counted from 1, valley -> hyperparameters). A valley is an LR for
+    the model as it stands at that stage, so an LR is read from the stage it is used in: a
+    slice's top from the stage that trains the body (its bottom by the default slice ratio,
+    /100), a head LR from the frozen body."""
+    name: str
+    build: Callable[..., list[Stage]]        # (epochs, **hyperparameters[, n_groups]) -> stages
+    rules: Rules = Rules()
+    centring: Centring = LR_FROM_STAGE_1
+
+    @property
+    def defaults(self) -> dict[str, float | int]:
+        """The published default hyperparameters (the builder's keyword defaults)."""
+        return {n: p.default for n, p in inspect.signature(self.build).parameters.items()
+                if n not in ("epochs", "n_groups") and p.default is not inspect.Parameter.empty}
+
+    def stages(self, epochs: int, n_groups: int = 3, **params) -> list[Stage]:
+        """The stages for a budget of `epochs`; `n_groups` (the model's layer groups) reaches
+        the builders that depend on it (gradual unfreezes one group per stage)."""
+        unknown = set(params) - set(self.defaults)
+        if unknown:
+            raise HarnessError(f"{self.name}: unknown hyperparameter '{sorted(unknown)[0]}' "
+                               f"(known: {', '.join(self.defaults)})")
+        if "n_groups" in inspect.signature(self.build).parameters:
+            params = {**params, "n_groups": n_groups}
+        return self.build(epochs, **params)
 
 
-def stages_for(strategy: str, epochs: int, n_groups: int = 3, **params) -> list[Stage]:
-    """Stages of `strategy` for a budget of `epochs`, params by name (unknown name -> error).
-    `n_groups` (the model's layer groups) reaches the strategies that depend on it: gradual
-    unfreezes one group per stage."""
-    if strategy not in STRATEGIES:
-        raise HarnessError(f"strategy: unknown '{strategy}' (known: {', '.join(STRATEGIES)})")
-    unknown = set(params) - set(defaults(strategy))
-    if unknown:
-        raise HarnessError(f"{strategy}: unknown hyperparameter '{sorted(unknown)[0]}' "
-                           f"(known: {', '.join(defaults(strategy))})")
-    fn = STRATEGIES[strategy]
-    if "n_groups" in inspect.signature(fn).parameters:
-        params = {**params, "n_groups": n_groups}
-    return fn(epochs, **params)
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
+    Strategy("naive", naive),
+    Strategy("head_only", head_only),
+    Strategy("two_phase", two_phase, Rules(SLICE, ("freeze_epochs",)), ((2, lambda v: {"lr_high": v, "lr_low": v / 100}),)),
+    Strategy("discriminative", discriminative, Rules(SLICE), ((1, lambda v: {"lr_high": v, "lr_low": v / 100}),)),
+    Strategy("gradual", gradual),
+    Strategy("lp_ft", lp_ft, Rules(epoch_splits=("probe_epochs",)),
+             ((1, lambda v: {"lr_probe": v}), (2, lambda v: {"lr": v}))),
+)}
+
+
+def strategy(name: str) -> Strategy:
+    """The record of `name`, or one line naming the known ones."""
+    if name not in STRATEGIES:
+        raise HarnessError(f"strategy: unknown '{name}' (known: {', '.join(STRATEGIES)})")
+    return STRATEGIES[name]
+
+
+def defaults(name: str) -> dict[str, float | int]:
+    """The published default hyperparameters of a strategy."""
+    return strategy(name).defaults
+
+
+def stages_for(name: str, epochs: int, n_groups: int = 3, **params) -> list[Stage]:
+    """Stages of strategy `name` for a budget of `epochs`, params by name (unknown name -> error)."""
+    return strategy(name).stages(epochs, n_groups, **params)

@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from harness.errors import HarnessError
-from harness.engine.recipe import Recipe, _did_you_mean, format_validation_error, read_yaml
-from harness.sweep.space import ParamSpec, baseline, check_space, enforce_order, parse_param
+from harness.engine.recipe import Recipe, did_you_mean, format_validation_error, read_yaml
+from harness.sweep.space import ParamSpec, Space, baseline, check_space, enforce_order, parse_param
 from harness.sweep.strategies import STRATEGIES, defaults, stages_for
 
 METRICS = {"val/accuracy": "maximize"}   # the final epoch's value; pruning reads it every epoch
@@ -44,10 +44,17 @@ class StudyConfig(_Strict):
 
 
 @dataclass(frozen=True)
+class Selection:
+    """The part of a study a command works on: these strategies, this many trials each."""
+    strategies: tuple[str, ...]
+    trials: int
+
+
+@dataclass(frozen=True)
 class Study:
     config: StudyConfig
     base: dict[str, Any]                            # the base recipe without stages
-    spaces: dict[str, dict[str, ParamSpec]]         # strategy -> hyperparameter -> spec
+    spaces: dict[str, Space]                        # strategy -> hyperparameter -> spec
     source: str
 
     @property
@@ -67,6 +74,14 @@ class Study:
         """The base recipe's layer groups (gradual's stage count follows them)."""
         from harness.engine.recipe import ModelConfig
         return ModelConfig.model_validate(self.base.get("model") or {}).groups
+
+    def select(self, strategies: list[str] | tuple[str, ...] | None = None, trials: int | None = None) -> Selection:
+        """--strategy (default: all of them) and --trials (default: the study's), checked."""
+        chosen = tuple(strategies or self.strategies)
+        unknown = [s for s in chosen if s not in self.spaces]
+        if unknown:
+            raise HarnessError(f"--strategy: '{unknown[0]}' is not in the study (it has: {', '.join(self.strategies)})")
+        return Selection(chosen, trials or self.config.trials)
 
     def baseline(self, strategy: str) -> dict[str, Any]:
         """The strategy's published defaults, clipped into this study's ranges."""
@@ -95,7 +110,7 @@ def load_study(path: str | Path) -> Study:
     for strategy, raw_space in cfg.strategies.items():
         if strategy not in STRATEGIES:
             raise HarnessError(f"{path}: strategies.{strategy}: unknown strategy"
-                               f"{_did_you_mean(strategy, STRATEGIES)} (known: {', '.join(STRATEGIES)})")
+                               f"{did_you_mean(strategy, STRATEGIES)} (known: {', '.join(STRATEGIES)})")
         spaces[strategy] = _space(path, strategy, raw_space or {}, cfg.budget.epochs)
     study = Study(cfg, base, spaces, str(path))
     for strategy in spaces:
@@ -123,18 +138,19 @@ def _base_recipe(recipe: dict | str, study_path: Path) -> dict:
     return recipe
 
 
-def _space(path: Path, strategy: str, raw: dict, budget: int) -> dict[str, ParamSpec]:
+def _space(path: Path, strategy: str, raw: dict, budget: int) -> Space:
     known = defaults(strategy)
     prefix = f"strategies.{strategy}"
-    space = {}
+    params: dict[str, ParamSpec] = {}
     for name, value in raw.items():
         if name not in known:
             raise HarnessError(f"{path}: {prefix}.{name}: unknown hyperparameter"
-                               f"{_did_you_mean(name, known)} (known: {', '.join(known)})")
+                               f"{did_you_mean(name, known)} (known: {', '.join(known)})")
         try:
-            space[name] = parse_param(f"{prefix}.{name}", value, known[name])
+            params[name] = parse_param(f"{prefix}.{name}", value, known[name])
         except HarnessError as e:
             raise HarnessError(f"{path}: {e}") from None
+    space = Space(params, STRATEGIES[strategy].rules)
     try:
         check_space(prefix, space, budget)
     except HarnessError as e:

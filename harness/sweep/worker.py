@@ -12,6 +12,7 @@ parameters are queued again (at most RETRIES times).
 """
 from __future__ import annotations
 
+import enum
 import os
 import socket
 import time
@@ -23,13 +24,22 @@ import optuna
 from optuna.trial import TrialState
 
 from harness import interrupts
+from harness.stores import Stores
 from harness.sweep import storage as st
-from harness.sweep.study import Study
-from harness.sweep.sweep import PARENT_ATTR, _objective, _Progress, count_trials, make_pruner, make_sampler, summarize_parent
+from harness.sweep.ostudies import PARENT_ATTR, RETRIES, count_trials, make_pruner, make_sampler, requeue
+from harness.sweep.study import Selection, Study
+from harness.sweep.trial import Progress, objective, summarize_parent
+from harness.tracking import Tracking
 
-RETRIES = 3
 POLL_S = 2.0
 WORKER_ATTR = "worker"
+
+
+class Claim(enum.Enum):
+    """What a worker found when it went to claim a strategy's next trial."""
+    RAN = "ran"               # it claimed one and ran it
+    BUSY = "busy"             # every missing trial is running elsewhere
+    COMPLETE = "complete"     # the study has its trials
 
 
 # --- who runs a trial, and is it still alive -----------------------------------------------
@@ -62,33 +72,19 @@ def alive(wid: str) -> bool | None:
     return started == "-" or _start_time(pid_i) == started
 
 
-def requeue(ostudy: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
-    """Queue `trial`'s parameters again (a WAITING trial); False after RETRIES retries."""
-    history = list(trial.user_attrs.get("retry_history", [])) + [trial.number]
-    if len(history) > RETRIES:
-        return False
-    params = dict(trial.params) or dict(trial.system_attrs.get("fixed_params", {}))
-    ostudy.add_trial(optuna.trial.create_trial(
-        state=TrialState.WAITING, system_attrs={"fixed_params": params},
-        user_attrs={"retry_of": history[0], "retry_history": history}))
-    return True
-
-
 class Worker:
     """One process's share of a sweep: `prepare()` joins the studies, `run()` works them off."""
 
-    def __init__(self, study: Study, workspace: str | Path, spec: str, tracking_uri: str,
-                 strategies: list[str], n_trials: int, heartbeat: int | None = 30,
-                 name: str = "", seed_offset: int = 0, echo: Callable[[str], None] = print):
-        from harness.tracking import make_client
-        self.study, self.workspace, self.spec, self.uri = study, Path(workspace), spec, tracking_uri
-        self.strategies, self.n_trials, self.seed_offset = strategies, n_trials, seed_offset
+    def __init__(self, study: Study, stores: Stores, selection: Selection, name: str = "",
+                 seed_offset: int = 0, echo: Callable[[str], None] = print):
+        self.study, self.stores, self.spec = study, stores, stores.storage
+        self.strategies, self.n_trials, self.seed_offset = list(selection.strategies), selection.trials, seed_offset
         self.name = name
         self.echo = (lambda s: echo(f"[{name}] {s}")) if name else echo
         self.id = worker_id()
-        self.kind = st.kind(spec)
-        self.client = make_client(tracking_uri)
-        self.storage = st.open_storage(spec, heartbeat, self._on_stale)
+        self.kind = st.kind(self.spec)
+        self.tracking = Tracking(stores.tracking_uri, stores.workspace)
+        self.storage = st.open_storage(self.spec, stores.heartbeat, self._on_stale)
         self.ostudies: dict[str, optuna.Study] = {}
         self.parents: dict[str, str] = {}
 
@@ -122,32 +118,34 @@ class Worker:
                 self.parents[s] = self._parent(s, ostudy)
 
     def _parent(self, strategy: str, ostudy: optuna.Study) -> str:
-        from harness.tracking import open_run
+        """The strategy's parent run: made once (its id kept in the Optuna study), reopened
+        when a resumed sweep has trials to add."""
         run_id = ostudy.user_attrs.get(PARENT_ATTR)
-        status = _run_status(self.client, run_id)
+        status = self.tracking.status(run_id)
         if status is None:   # new, or the tracking store was reset
             cfg = self.study.config
-            run = open_run(self.client, self.uri, self.study.name, strategy, self.workspace,
-                           tags={"strategy": strategy, "harness.kind": "sweep", "optuna.study": ostudy.study_name})
-            run_id = run.info.run_id
+            run_id = self.tracking.start(self.study.name, strategy, tags={
+                "strategy": strategy, "harness.kind": "sweep", "optuna.study": ostudy.study_name})
             ostudy.set_user_attr(PARENT_ATTR, run_id)
-            from harness.tracking import MlflowTracker
-            MlflowTracker(self.client, run_id).log_params(
-                {"strategy": strategy, "budget.epochs": cfg.budget.epochs, "sampler": cfg.sampler,
-                 "pruner": cfg.pruner, "metric": cfg.metric})
+            parent = self.tracking.tracker(run_id)
+            try:
+                parent.log_params({"strategy": strategy, "budget.epochs": cfg.budget.epochs, "sampler": cfg.sampler,
+                                   "pruner": cfg.pruner, "metric": cfg.metric})
+            finally:
+                parent.close()
         elif status != "RUNNING" and count_trials(ostudy).done < self.n_trials:
-            self.client.update_run(run_id, status="RUNNING")
+            self.tracking.reopen(run_id)
         return run_id
 
     # --- working -----------------------------------------------------------------------------
     def run(self) -> None:
         try:
             with interrupts.deferred():   # Ctrl-C is raised between batches and trials
-                waiting = [s for s in self.strategies if self._drain(s) == "busy"]
+                waiting = [s for s in self.strategies if self._drain(s) is Claim.BUSY]
                 told: set[str] = set()
                 while waiting:
                     for s in list(waiting):
-                        if self._drain(s) == "complete":
+                        if self._drain(s) is Claim.COMPLETE:
                             waiting.remove(s)
                         elif s not in told:
                             told.add(s)
@@ -159,61 +157,59 @@ class Worker:
             self._abandon(e)
             raise
 
-    def _drain(self, strategy: str) -> str:
-        """Run this strategy's trials while there are some to claim: 'complete' or 'busy'."""
-        while (state := self._claim(strategy)) == "ran":
+    def _drain(self, strategy: str) -> Claim:
+        """Run this strategy's trials while there are some to claim: COMPLETE or BUSY."""
+        while (state := self._claim(strategy)) is Claim.RAN:
             pass
-        if state == "complete":
+        if state is Claim.COMPLETE:
             self._finish(strategy)
         return state
 
-    def _claim(self, strategy: str) -> str:
+    def _claim(self, strategy: str) -> Claim:
         interrupts.checkpoint()
         ostudy = self.ostudies[strategy]
         with self._lock(strategy) as lock:
             self._recover(ostudy)
             c = count_trials(ostudy)
             if c.done >= self.n_trials:
-                return "complete"
+                return Claim.COMPLETE
             if c.done + c.running >= self.n_trials:
-                return "busy"
+                return Claim.BUSY
 
             def started(trial: optuna.Trial) -> None:
                 # the claim is recorded: let the other workers claim theirs
                 trial.set_user_attr(WORKER_ATTR, self.id)
                 lock.release()
 
-            objective = _objective(self.study, strategy, self.uri, self.workspace, self.parents[strategy],
-                                   on_start=started, worker=self.name or self.id)
-            ostudy.optimize(objective, n_trials=1, gc_after_trial=True,
-                            callbacks=[_Progress(strategy, self.n_trials, self.echo)])
-        return "ran"
+            run = objective(self.study, strategy, self.stores, self.parents[strategy],
+                            on_start=started, worker=self.name or self.id)
+            ostudy.optimize(run, n_trials=1, gc_after_trial=True,
+                            callbacks=[Progress(strategy, self.n_trials, self.echo)])
+        return Claim.RAN
 
     def _finish(self, strategy: str) -> None:
         """The study has its trials: summarise them on the parent run and close it (once)."""
-        from harness.tracking import MlflowTracker
         run_id = self.parents[strategy]
         with self._lock(strategy):
-            if _run_status(self.client, run_id) == "FINISHED":
+            if self.tracking.status(run_id) == "FINISHED":
                 return
-            tracker = MlflowTracker(self.client, run_id)
+            parent = self.tracking.tracker(run_id)
             try:
-                summarize_parent(self.study, strategy, self.ostudies[strategy], tracker)
+                summarize_parent(self.study, strategy, self.ostudies[strategy], parent)
             finally:
-                tracker.close()
-            self.client.set_terminated(run_id, status="FINISHED")
+                parent.close()
+            self.tracking.finish(run_id)
 
     def _abandon(self, error: BaseException) -> None:
         """Leaving early: a parent run with no trial running anywhere ends KILLED (Ctrl-C)
         or FAILED, so the UI shows no sweep as running that is not."""
-        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        interrupted = isinstance(error, KeyboardInterrupt)
         for s, ostudy in self.ostudies.items():
             try:
                 c = count_trials(ostudy)
-                if c.done < self.n_trials and c.running == 0 and _run_status(self.client, self.parents[s]) == "RUNNING":
-                    self.client.set_tag(self.parents[s], "harness.reason",
-                                        f"stopped at {c.done}/{self.n_trials} trials ({status.lower()})")
-                    self.client.set_terminated(self.parents[s], status=status)
+                if c.done < self.n_trials and c.running == 0:
+                    self.tracking.abandon(self.parents[s], interrupted, f"stopped at {c.done}/{self.n_trials} "
+                                          f"trials ({'killed' if interrupted else 'failed'})")
             except Exception:
                 pass   # the original error matters more
 
@@ -238,17 +234,8 @@ class Worker:
 
     def _on_stale(self, ostudy: optuna.Study, trial: optuna.trial.FrozenTrial,
                   reason: str = "its worker stopped sending heartbeats") -> None:
-        """A lost trial (already FAIL): close its MLflow run as FAILED and queue it again.
-
-        A run already FINISHED is failed too: its worker died after closing the run but before
-        Optuna recorded the value, so the study has no result from it and re-runs it."""
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        try:
-            if run_id and _run_status(self.client, run_id) in ("RUNNING", "FINISHED"):
-                self.client.set_tag(run_id, "harness.reason", f"lost: {reason}")
-                self.client.set_terminated(run_id, status="FAILED")
-        except Exception:
-            pass   # the tracking server may be down; the trial is still re-run
+        """A lost trial (already FAIL): its MLflow run ends FAILED, and it is queued again."""
+        self.tracking.lose(trial.user_attrs.get("mlflow_run_id"), reason)
         again = requeue(ostudy, trial)
         strategy = ostudy.study_name.rsplit("/", 1)[-1]
         self.echo(f"[{strategy}] trial {trial.number} was lost ({reason}); "
@@ -262,16 +249,3 @@ class Worker:
             if (t.state == TrialState.FAIL and "failure" not in t.user_attrs
                     and t.number not in retried):
                 requeue(ostudy, t)
-
-
-def _run_status(client, run_id: str | None) -> str | None:
-    """The run's status; None when there is no such run (any other error is raised)."""
-    from mlflow.exceptions import MlflowException
-    if not run_id:
-        return None
-    try:
-        return client.get_run(run_id).info.status
-    except MlflowException as e:
-        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise

@@ -1,0 +1,50 @@
+"""One training step, the same for fine_tune and the LR finder: the step's hyperparameters
+into every param group, then forward, backward, step.
+
+On CUDA the forward runs under bfloat16 autocast with channels-last inputs; the loss is
+taken in float32. Nothing here reads the device: the loss comes back as a device tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """One step's hyperparameters: an LR per layer group (param groups carry `layer_group`),
+    and AdamW's betas."""
+    lrs: Sequence[float]
+    beta1: float
+    sqr_mom: float
+
+
+def autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def model_format(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The input in the model's memory format: channels-last on CUDA."""
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out.float(), y)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               hyper: Hyper) -> torch.Tensor:
+    """Set `hyper` on every param group, then forward, backward, step; the detached loss."""
+    for pg in opt.param_groups:
+        pg["lr"] = hyper.lrs[pg["layer_group"]]
+        pg["betas"] = (hyper.beta1, hyper.sqr_mom)
+    with autocast(x.device):
+        out = model(model_format(x, x.device))
+    loss = cross_entropy(out, y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()

@@ -1,0 +1,125 @@
+"""One trial: a strategy's hyperparameters sampled, its recipe made, a tracked fine-tune
+as a child run of the strategy's parent; the line printed per finished trial; the parent
+run's summary once the study has its trials."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+
+from harness import jobs
+from harness.engine.stages import StagePlan
+from harness.errors import HarnessError
+from harness.stores import Stores
+from harness.sweep.ostudies import best_trial, count_trials
+from harness.sweep.space import suggest
+from harness.sweep.study import Study
+from harness.tracking import MlflowTracker, Tracking
+
+
+def objective(study: Study, strategy: str, stores: Stores, parent_id: str,
+              on_start: Callable[[optuna.Trial], None] = lambda trial: None,
+              worker: str = "") -> Callable[[optuna.Trial], float]:
+    """Optuna's objective for one strategy: `on_start(trial)` once the trial is claimed,
+    then the trial as a child run of `parent_id`, named after `worker` when given."""
+    tracking = Tracking(stores.tracking_uri, stores.workspace)
+
+    def objective(trial: optuna.Trial) -> float:
+        on_start(trial)
+        try:
+            return run_trial(trial)
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)   # FAIL, not a result: run again on resume
+            raise
+
+    def run_trial(trial: optuna.Trial) -> float:
+        params = suggest(trial, study.spaces[strategy])
+        recipe = study.recipe_for(strategy, params)
+        trial.set_user_attr("recipe", recipe.to_yaml())
+        started = time.perf_counter()
+        with tracking.run(study.name, f"{strategy}-trial-{trial.number}", parent_id,
+                          tags=_trial_tags(strategy, trial, worker)) as tracker:
+            trial.set_user_attr("mlflow_run_id", tracker.run_id)
+            tracker.log_params(params)
+            result = jobs.tracked_fine_tune(recipe, tracker, stores.workspace, report=_pruning(trial, tracker),
+                                            plan=StagePlan(test=False))   # tuning never looks at the test split
+        trial.set_user_attr("seconds", time.perf_counter() - started)
+        if not result.ok:
+            trial.set_user_attr("failure", result.status)
+            return math.nan   # optuna records FAILED and the sweep goes on
+        if result.val_accuracy is None:
+            raise HarnessError("recipe.data.val_fraction: a sweep needs a validation split (> 0)")
+        return result.val_accuracy
+
+    return objective
+
+
+def _pruning(trial: optuna.Trial, tracker: MlflowTracker) -> Callable[[int, float | None], None]:
+    """fine_tune's per-epoch report: the value to Optuna; a pruned trial ends its run KILLED."""
+    def report(epoch: int, val_accuracy: float | None) -> None:
+        if val_accuracy is None:
+            return
+        trial.report(val_accuracy, epoch)
+        if trial.should_prune():
+            tracker.end_as("KILLED", f"pruned at epoch {epoch}")
+            tracker.set_tags({"harness.pruned": "true"})
+            raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+    return report
+
+
+def _trial_tags(strategy: str, trial: optuna.Trial, worker: str) -> dict[str, Any]:
+    tags = {"strategy": strategy, "optuna.trial_number": trial.number}
+    if worker:
+        tags["harness.worker"] = worker
+    if "retry_of" in trial.user_attrs:   # a re-run of a lost or interrupted trial
+        tags["optuna.retry_of"] = trial.user_attrs["retry_of"]
+    return tags
+
+
+class Progress:
+    """One line per finished trial: counts, this trial's value, best so far."""
+
+    def __init__(self, strategy: str, total: int, echo: Callable[[str], None]):
+        self.strategy, self.total, self.echo = strategy, total, echo
+
+    def __call__(self, ostudy: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        c = count_trials(ostudy)
+        best = best_trial(ostudy)
+        state = trial.state.name.lower()
+        value = f"{trial.value:.4f}" if trial.value is not None else trial.user_attrs.get("failure", state)
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
+        self.echo(f"[{self.strategy}] trial {trial.number} {state:8s} {value}  ({params})  | "
+                  f"{c.done}/{self.total} done, {c.pruned} pruned, {c.failed} failed, best "
+                  f"{'-' if best is None else f'{best.value:.4f}'}")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def summarize_parent(study: Study, strategy: str, ostudy: optuna.Study, parent) -> None:
+    """Best value and params, best recipe YAML, the trials table and Optuna's plots on the parent run."""
+    import tempfile
+
+    from harness.report import optuna_figures
+
+    best = best_trial(ostudy)
+    if best is not None:
+        metrics = {f"best/{study.config.metric.split('/')[-1]}": best.value}
+        metrics.update({f"best/{k}": float(v) for k, v in best.params.items() if isinstance(v, (int, float))})
+        parent.log_epoch(len(ostudy.trials), metrics)
+        parent.set_tags({"best.trial": best.number, **{f"best.{k}": v for k, v in best.params.items()}})
+        parent.log_text(best.user_attrs["recipe"], "best_recipe.yaml")
+    df = ostudy.trials_dataframe(attrs=("number", "value", "state", "params", "duration", "user_attrs"))
+    df = df.drop(columns=[c for c in df.columns if c == "user_attrs_recipe"])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trials.csv"
+        df.to_csv(path, index=False)
+        parent.log_file(path)
+    import matplotlib.pyplot as plt
+    for name, fig in optuna_figures(ostudy):
+        parent.log_figure(fig, f"{name}.png")
+        plt.close(fig)

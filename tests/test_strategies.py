@@ -186,3 +186,29 @@ def test_two_phase_reproduces_the_worked_example():
         [2.0e-06, 2.535898e-06, 4.0e-06, 1.254593e-07], rel=1e-6)
     assert [one_cycle_mom(s, T2, s2.pct_start, s2.moms) for s in range(3)] == pytest.approx(
         [0.95, 0.943301, 0.925], rel=1e-6)
+
+
+# --- the records: what the search space, the study loader and the LR finder read -----------------
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_a_records_rules_and_centring_name_its_own_hyperparameters_and_stages(name):
+    """A record that names a hyperparameter its builder does not have, or centres on a
+    stage its default stages do not have, would be silently ignored: refuse it here."""
+    record = STRATEGIES[name]
+    known = set(record.defaults)
+    for a, b in record.rules.ordered_pairs:
+        assert {a, b} <= known and record.defaults[a] <= record.defaults[b]
+    assert set(record.rules.epoch_splits) <= known
+    stages = record.stages(6)
+    for stage, sets in record.centring:
+        assert 1 <= stage <= len(stages)
+        assert set(sets(1e-3)) <= known
+
+
+def test_epoch_splits_and_ordered_pairs_are_where_the_strategies_need_them():
+    assert STRATEGIES["two_phase"].rules.epoch_splits == ("freeze_epochs",)
+    assert STRATEGIES["lp_ft"].rules.epoch_splits == ("probe_epochs",)
+    assert {n for n, r in STRATEGIES.items() if r.rules.ordered_pairs} == {"two_phase", "discriminative"}
+    # two_phase's slice top is read from the stage that trains the body (its second)
+    (stage, sets), = STRATEGIES["two_phase"].centring
+    assert stage == 2 and sets(1e-3) == pytest.approx({"lr_high": 1e-3, "lr_low": 1e-5})

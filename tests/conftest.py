@@ -108,3 +108,17 @@ def mlflow_server(tmp_path_factory):
     from services import compose_mlflow_server
     with compose_mlflow_server(tmp_path_factory.mktemp("mlartifacts")) as uri:
         yield uri
+
+
+@pytest.fixture
+def shrunk(tmp_path):
+    """`shrunk(name, **changes) -> Path`: a shipped study (its stem, e.g. "quickstart", or a
+    path) shrunk by tests/shipped.py into tmp_path, its pretraining (if any) already run.
+    The rules and the merge semantics of `changes` are in `shipped.shrink`'s docstring."""
+    from shipped import resolve_study, run_pretraining, shrink
+
+    def make(name, /, **changes) -> Path:
+        study = shrink(resolve_study(name), tmp_path / "shrunk", **changes)
+        run_pretraining(study, tmp_path / "pretrain-workspace")
+        return study.path
+    return make

@@ -1,14 +1,16 @@
 """Bad input through the CLI, one table: every case exits 2 with ONE line `error: ...` on
 stderr naming the field, file or option, no traceback, and nothing written to any store.
 
-Each case changes one thing of a valid baseline (a tiny ImageFolder study that
-`test_baseline_study_sweeps` runs for real), so it fails on the bad input itself.
+Each case changes one thing of a valid baseline (a tiny ImageFolder study, the shipped
+studies/imagefolder-example.yaml shrunk by tests/shipped.py, that
+`test_baseline_is_valid_and_sweeps` runs for real), so it fails on the bad input itself.
 Most cases run in-process (click's CliRunner); the ones about stores run `python -m harness`
 in a subprocess, because only a real process shows what MLflow, Optuna and SQLAlchemy
 print on the real stderr (their loggers keep the stream they were created with).
 """
 from __future__ import annotations
 
+import copy
 import http.server
 import os
 import subprocess
@@ -26,6 +28,7 @@ from PIL import Image
 
 from conftest import template_store
 from harness.cli import main
+from shipped import read_yaml, resolve_study, shrink
 
 # --- the valid baseline ---------------------------------------------------------------------
 
@@ -58,10 +61,16 @@ def full_recipe(root: Path) -> dict:
                        {"epochs": 1, "train": "all", "lr": {"min": 1e-5, "max": 1e-3}}]}
 
 
-def base_study(root: Path) -> dict:
-    return {"name": "bad-input", "recipe": base_recipe(root), "budget": {"epochs": 2}, "trials": 1,
-            "sampler": "random", "pruner": "none",
-            "strategies": {"naive": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}}}
+def base_study(root: Path, dest_dir: Path) -> dict:
+    """studies/imagefolder-example.yaml shrunk (into dest_dir) to the baseline, read back: the
+    images at `root`, base_recipe's model and data (no train_per_class cap: every image
+    but the held-out ones), 2 epochs, 1 random trial, no pruner, naive only, compare at its
+    default 3 seeds."""
+    shrunk = shrink(resolve_study("imagefolder-example"), dest_dir, name="bad-input",
+                    recipe={**base_recipe(root), "data": {**base_recipe(root)["data"], "train_per_class": None}},
+                    budget={"epochs": 2}, trials=1, sampler="random", pruner="none",
+                    strategies={"naive": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}}, compare={"seeds": 3})
+    return read_yaml(shrunk.path)
 
 
 def dump(path: Path, d) -> Path:
@@ -74,6 +83,12 @@ def dump(path: Path, d) -> Path:
 def images(tmp_path_factory) -> Path:
     """The baseline's ImageFolder, shared and only ever read."""
     return make_images(tmp_path_factory.mktemp("bad-input-data") / "imgs")
+
+
+@pytest.fixture(scope="session")
+def baseline(tmp_path_factory, images) -> dict:
+    """The baseline study as a dict, shrunk once (copy it before changing it)."""
+    return base_study(images, tmp_path_factory.mktemp("bad-input-study"))
 
 
 @pytest.fixture(scope="session")
@@ -145,6 +160,10 @@ class Ctx:
         self.ws = tmp / "ws"
 
     @property
+    def baseline(self) -> dict:
+        return copy.deepcopy(self._request.getfixturevalue("baseline"))
+
+    @property
     def checkpoints(self) -> dict[str, Path]:
         return self._request.getfixturevalue("checkpoints")
 
@@ -160,7 +179,7 @@ class Ctx:
         """The baseline study with top-level `changes`; a `recipe` dict is merged into its
         recipe one level deep (recipe={"data": {"batch_size": 0}} changes one data field),
         a string replaces it (a recipe file's path)."""
-        d = base_study(self.images)
+        d = self.baseline
         d.update(changes)
         if isinstance(recipe, str):
             d["recipe"], recipe = recipe, None
@@ -534,7 +553,7 @@ def test_there_are_enough_cases():
     assert len(ids) >= 32 and len(set(ids)) == len(ids)
 
 
-def test_baseline_is_valid_and_sweeps(tmp_path, images, monkeypatch):
+def test_baseline_is_valid_and_sweeps(tmp_path, images, baseline, monkeypatch):
     """The input every case departs from is good: the recipe passes check_inputs and the
     study sweeps one trial for real (~10-20 s: a fresh MLflow store, two tiny epochs)."""
     from harness.engine.recipe import Recipe
@@ -544,7 +563,7 @@ def test_baseline_is_valid_and_sweeps(tmp_path, images, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     ws = tmp_path / "ws"
     check_inputs(Recipe.from_dict(full_recipe(images)), ws)
-    study = dump(tmp_path / "study.yaml", base_study(images))
+    study = dump(tmp_path / "study.yaml", baseline)
     result = CliRunner().invoke(main, ["sweep", str(study), "--trials", "1", "--workspace", str(ws)])
     assert result.exit_code == 0, (result.output[-3000:], result.exception)
     assert "Traceback" not in result.output

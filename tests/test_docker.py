@@ -22,6 +22,7 @@ from conftest import needs_fashion
 from harness.sweep import storage as st
 from harness.engine.models import read_checkpoint
 from services import COMPOSE, compose_service, harness_argv, interpolate
+from shipped import resolve_study, shrink
 
 COMPOSE_WORKERS = COMPOSE.parent / "compose.workers.yaml"
 SERVICES = {"postgres", "mlflow", "prepare", "worker"}
@@ -109,15 +110,20 @@ def tiny_source_recipe(path: Path) -> Path:
 
 
 def tiny_study(path: Path, name: str, weights: Path, trials: int) -> Path:
-    path.write_text(yaml.safe_dump({
-        "name": name,
-        "recipe": {"seed": 0, "device": "cpu",
-                   "data": {"dataset": "fashion-mnist", "classes": ["Sandal", "Bag"], "train_per_class": 8,
-                            "val_fraction": 0.25, "image_size": 16, "batch_size": 8, "augment": False},
-                   "model": {"arch": "resnet18", "weights": str(weights), "head": "linear"}},
-        "budget": {"epochs": 1}, "metric": "val/accuracy", "trials": trials, "sampler": "random",
-        "pruner": "none", "strategies": {"naive": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}},
-    }, sort_keys=False))
+    """studies/pretrain-quickstart.yaml (a fine-tune of a `harness pretrain` body) shrunk by
+    tests/shipped.py to a tiny naive-only study from the body at `weights`, written to `path`:
+    2 classes x 8 images at 16 px, batch 8, 1 epoch, `trials` random trials, no pruner,
+    compare at its default 3 seeds."""
+    shrunk = shrink(resolve_study("pretrain-quickstart"), path.parent / "shrunk", name=name,
+                    recipe={"seed": 0, "device": "cpu",
+                            "data": {"dataset": "fashion-mnist", "classes": ["Sandal", "Bag"], "train_per_class": 8,
+                                     "val_fraction": 0.25, "image_size": 16, "batch_size": 8, "augment": False},
+                            "model": {"arch": "resnet18", "weights": str(weights), "head": "linear"}},
+                    budget={"epochs": 1}, metric="val/accuracy", trials=trials, sampler="random",
+                    pruner="none", strategies={"naive": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}},
+                    compare={"seeds": 3})
+    assert not shrunk.pretrain     # its own body, not the study's: nothing of shipped's to pretrain
+    shrunk.path.replace(path)      # self-contained (its recipe inline): it may move
     return path
 
 

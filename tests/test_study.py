@@ -13,6 +13,7 @@ from harness.errors import HarnessError
 from harness.engine.recipe import Recipe
 from harness.sweep.strategies import STRATEGIES
 from harness.sweep.study import load_study
+from shipped import read_yaml, resolve_study, shrink
 
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
 
@@ -23,12 +24,25 @@ def base_recipe() -> dict:
     return d
 
 
-def study_dict(**changes) -> dict:
-    d = {"name": "tiny", "recipe": base_recipe(), "budget": {"epochs": 3}, "trials": 2,
-         "sampler": "random", "pruner": "none",
-         "strategies": {"naive": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}}}
-    d.update(changes)
-    return d
+# the valid study every case departs from: studies/quickstart.yaml shrunk (tests/shipped.py) with
+# these changes: the tiny recipe (resnet18, 16 px, 2 classes), 3 epochs, 2 random trials, no
+# pruner, naive only, compare at its default 3 seeds (the metric is quickstart's val/accuracy)
+TINY = {"name": "tiny", "recipe": base_recipe(), "budget": {"epochs": 3}, "trials": 2,
+        "sampler": "random", "pruner": "none",
+        "strategies": {"naive": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}}, "compare": {"seeds": 3}}
+
+
+@pytest.fixture
+def study_dict(tmp_path):
+    """`study_dict(**changes) -> dict`: the valid study (read back from its shrunk file) with
+    top-level `changes` applied by dict.update (a value replaces the key's whole value).
+    (shrink itself, not conftest's `shrunk` fixture: its make(name, **changes) cannot take
+    the study's `name` as a change; quickstart has no pretraining to run.)"""
+    def make(**changes) -> dict:
+        d = read_yaml(shrink(resolve_study("quickstart"), tmp_path / "shrunk", **TINY).path)
+        d.update(changes)
+        return d
+    return make
 
 
 def write_study(path: Path, d: dict) -> Path:
@@ -124,7 +138,7 @@ INVALID = [
 
 
 @pytest.mark.parametrize("changes, field, words", [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
-def test_invalid_study_is_one_line_naming_the_field(tmp_path, changes, field, words):
+def test_invalid_study_is_one_line_naming_the_field(tmp_path, study_dict, changes, field, words):
     path = write_study(tmp_path / "study.yaml", study_dict(**changes))
     with pytest.raises(HarnessError) as info:
         load_study(path)
@@ -135,7 +149,7 @@ def test_invalid_study_is_one_line_naming_the_field(tmp_path, changes, field, wo
     assert words in msg, msg
 
 
-def test_gradual_budget_error_names_the_budget(tmp_path):
+def test_gradual_budget_error_names_the_budget(tmp_path, study_dict):
     path = write_study(tmp_path / "study.yaml",
                        study_dict(budget={"epochs": 2}, strategies={"gradual": None}))
     with pytest.raises(HarnessError, match=r"budget\.epochs: gradual needs at least 3 epochs.*got 2"):
@@ -143,7 +157,7 @@ def test_gradual_budget_error_names_the_budget(tmp_path):
 
 
 @pytest.mark.parametrize("name, value", [("pct_start", 1.5), ("lr", 0), ("lr", "fast"), ("lr", True)])
-def test_invalid_fixed_value_is_refused_naming_the_hyperparameter(tmp_path, name, value):
+def test_invalid_fixed_value_is_refused_naming_the_hyperparameter(tmp_path, study_dict, name, value):
     path = write_study(tmp_path / "study.yaml", study_dict(strategies={"naive": {name: value}}))
     with pytest.raises(HarnessError) as info:
         load_study(path)
@@ -168,7 +182,7 @@ def test_a_study_that_is_not_a_mapping(tmp_path):
         load_study(path)
 
 
-def test_cli_refuses_an_invalid_study_with_one_line_and_exit_code_2(tmp_path):
+def test_cli_refuses_an_invalid_study_with_one_line_and_exit_code_2(tmp_path, study_dict):
     from harness.cli import main
     path = write_study(tmp_path / "study.yaml", study_dict(trails=3))
     for args in (["sweep", str(path)], ["status", str(path)], ["export", str(path)],
@@ -182,7 +196,7 @@ def test_cli_refuses_an_invalid_study_with_one_line_and_exit_code_2(tmp_path):
 
 # --- the recipe: inline or a path relative to the study file ---------------------------------
 
-def test_recipe_path_relative_to_the_study_file(tmp_path, monkeypatch):
+def test_recipe_path_relative_to_the_study_file(tmp_path, monkeypatch, study_dict):
     folder = tmp_path / "studies"
     (folder / "recipes").mkdir(parents=True)
     # a complete recipe (stages and all) may serve as the base: the strategies make the stages
@@ -200,7 +214,7 @@ def test_recipe_path_relative_to_the_study_file(tmp_path, monkeypatch):
     assert recipe.seed == 7 and recipe.data.batch_size == 8 and recipe.epochs == 3
 
 
-def test_recipe_path_with_a_bad_field_names_it(tmp_path):
+def test_recipe_path_with_a_bad_field_names_it(tmp_path, study_dict):
     bad = base_recipe()
     bad["data"] = {**bad["data"], "batch_size": 0}
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(bad))
@@ -210,9 +224,9 @@ def test_recipe_path_with_a_bad_field_names_it(tmp_path):
     assert "recipe.data.batch_size" in str(info.value) and "\n" not in str(info.value)
 
 
-def test_defaults_of_the_optional_fields(tmp_path):
+def test_defaults_of_the_optional_fields(tmp_path, study_dict):
     d = study_dict()
-    for key in ("trials", "sampler", "pruner"):
+    for key in ("trials", "sampler", "pruner", "metric", "compare"):
         del d[key]
     study = load_study(write_study(tmp_path / "study.yaml", d))
     cfg = study.config
@@ -224,7 +238,7 @@ def test_defaults_of_the_optional_fields(tmp_path):
         load_study(write_study(tmp_path / "study.yaml", d))
 
 
-def test_a_strategy_without_a_space_keeps_its_defaults(tmp_path):
+def test_a_strategy_without_a_space_keeps_its_defaults(tmp_path, study_dict):
     study = load_study(write_study(tmp_path / "study.yaml", study_dict(strategies={"naive": None})))
     assert study.spaces == {"naive": {}} and study.baseline("naive") == {}
     (stage,) = study.recipe_for("naive", {}).stages
@@ -238,7 +252,7 @@ ALL = {"naive": None, "head_only": None, "two_phase": {"freeze_epochs": {"low": 
 
 
 @pytest.mark.parametrize("budget", [3, 5])
-def test_recipe_for_spends_exactly_the_budget(tmp_path, budget):
+def test_recipe_for_spends_exactly_the_budget(tmp_path, study_dict, budget):
     strategies = dict(ALL)
     if budget <= 4:
         strategies["two_phase"] = {"freeze_epochs": {"low": 1, "high": budget - 1}}
@@ -256,7 +270,7 @@ def test_recipe_for_spends_exactly_the_budget(tmp_path, budget):
             assert recipe.data.batch_size == 8 and recipe.model.arch == "resnet18"
 
 
-def test_recipe_for_uses_the_trials_hyperparameters_and_seed(tmp_path):
+def test_recipe_for_uses_the_trials_hyperparameters_and_seed(tmp_path, study_dict):
     study = load_study(write_study(tmp_path / "study.yaml", study_dict(
         budget={"epochs": 4},
         strategies={"two_phase": {"freeze_epochs": {"low": 1, "high": 3},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import tempfile
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from harness.cli import main
 from harness.engine.recipe import Recipe
 from harness.stores import Stores
 from harness.sweep.study import Study, load_study
+from shipped import read_yaml, resolve_study, shrink
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS_PER_EPOCH = (2 * 24) // 8                   # as test_cli.py counts for the tiny recipe
@@ -55,6 +57,13 @@ def write_study(path: Path, d: dict) -> Path:
     return path
 
 
+def shrunk_study(**changes) -> dict:
+    """studies/quickstart.yaml shrunk by tests/shipped.py with `changes`, read back as a dict
+    (self-contained: its recipe is inline)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        shrunk = shrink(resolve_study("quickstart"), tmp, **changes)
+        assert not shrunk.pretrain
+        return read_yaml(shrunk.path)
 
 
 def fresh_tracking_uri(tmp_path_factory, folder: Path) -> str:
@@ -114,14 +123,19 @@ class Sweep:
         return sorted(kids, key=lambda r: int(r.data.tags["optuna.trial_number"]))
 
 
-BASE_STUDY = {
-    "name": "tiny-sweep",
-    "budget": {"epochs": 3},
-    "metric": "val/accuracy",
-    "trials": 2,
-    "sampler": "random",
-    "pruner": "none",
-    "strategies": {
+# The base sweep's study (and the one the other tests and test_results.py vary, as
+# `{**BASE_STUDY, "recipe": base_recipe(), ...}`): quickstart shrunk to the tiny recipe
+# (resnet18 from scratch, 2 classes at 16 px, batch 8), 3 epochs, 2 random trials, no pruner,
+# two strategies, compare at 2 seeds.
+BASE_STUDY = shrunk_study(
+    name="tiny-sweep",
+    recipe=base_recipe(),
+    budget={"epochs": 3},
+    metric="val/accuracy",
+    trials=2,
+    sampler="random",
+    pruner="none",
+    strategies={
         # pct_start's range is above the published 0.25, so trial 0 has it clipped to 0.3
         "naive": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "pct_start": {"low": 0.3, "high": 0.6}},
         # lr_high's range starts above the published 1e-3: clipped to 2e-3
@@ -130,8 +144,8 @@ BASE_STUDY = {
                       "lr_high": {"low": 2e-3, "high": 2e-2, "log": True},
                       "pct_start": {"low": 0.1, "high": 0.5}},
     },
-    "compare": {"seeds": 2},
-}
+    compare={"seeds": 2},
+)
 # the published defaults (naive lr 1e-3 pct 0.25; two_phase freeze 1, lr_high 1e-3, lr_low 1e-5,
 # pct 0.3), clipped into BASE_STUDY's ranges
 FIRST_TRIALS = {"naive": {"lr": 1e-3, "pct_start": 0.3},

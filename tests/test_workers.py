@@ -26,6 +26,7 @@ from harness.errors import HarnessError
 from harness.sweep.launch import plan
 from harness.sweep.ostudies import RETRIES, requeue
 from harness.sweep.worker import alive, worker_id
+from shipped import resolve_study, shrink
 
 S = optuna.trial.TrialState
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -254,14 +255,20 @@ def test_a_first_ctrl_c_while_trials_run_waits_for_a_checkpoint(deferring):
 # --- crashes, for real ---------------------------------------------------------------------------
 
 def tiny_study(path: Path, name: str, trials: int, epochs: int = 2, per_class: int = 24) -> Path:
-    d = {"name": name,
-         "recipe": {"seed": 0, "device": "cpu",
-                    "data": {"dataset": "fashion-mnist", "classes": ["Sandal", "Bag"], "train_per_class": per_class,
-                             "val_fraction": 0.25, "image_size": 16, "batch_size": 8, "augment": False},
-                    "model": {"arch": "resnet18", "weights": "none", "head": "fastai"}},
-         "budget": {"epochs": epochs}, "metric": "val/accuracy", "trials": trials, "sampler": "random",
-         "pruner": "none", "strategies": {"naive": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}}}
-    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    """studies/quickstart.yaml shrunk (tests/shipped.py) to a tiny naive-only study, written
+    to `path`: resnet18 from scratch on 2 classes x `per_class` images at 16 px, batch 8,
+    `epochs` epochs, `trials` random trials, no pruner, compare at its default 3 seeds."""
+    shrunk = shrink(resolve_study("quickstart"), path.parent, name=name,
+                    recipe={"seed": 0, "device": "cpu",
+                            "data": {"dataset": "fashion-mnist", "classes": ["Sandal", "Bag"],
+                                     "train_per_class": per_class, "val_fraction": 0.25, "image_size": 16,
+                                     "batch_size": 8, "augment": False},
+                            "model": {"arch": "resnet18", "weights": "none", "head": "fastai"}},
+                    budget={"epochs": epochs}, metric="val/accuracy", trials=trials, sampler="random",
+                    pruner="none", strategies={"naive": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}},
+                    compare={"seeds": 3})
+    assert not shrunk.pretrain
+    shrunk.path.replace(path)      # self-contained (its recipe inline): it may move
     return path
 
 

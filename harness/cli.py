@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from harness.errors import HarnessError, lost_store
+from harness.stores import HEARTBEAT_S
 
 
 def _fail_cleanly(fn):
@@ -53,8 +54,8 @@ def store_options(heartbeat: bool = False):
         @functools.wraps(fn)
         def command(*args, workspace, storage, tracking_uri, **kwargs):
             from harness.stores import Stores
-            beat = kwargs.pop("heartbeat") if heartbeat else 30
-            return fn(*args, stores=Stores.resolve(workspace, storage, tracking_uri, beat), **kwargs)
+            beat = {"heartbeat": kwargs.pop("heartbeat")} if heartbeat else {}
+            return fn(*args, stores=Stores.resolve(workspace, storage, tracking_uri, **beat), **kwargs)
         for option in reversed([workspace_opt, storage_opt, tracking_opt] + ([heartbeat_opt] if heartbeat else [])):
             command = option(command)
         return command
@@ -69,7 +70,7 @@ storage_opt = click.option("--storage", default=None,
                                 "HARNESS_STORAGE or ~/.pgpass, not on the command line.")
 tracking_opt = click.option("--tracking-uri", default=None,
                             help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the workspace's SQLite).")
-heartbeat_opt = click.option("--heartbeat", type=click.IntRange(min=1), default=30, show_default=True,
+heartbeat_opt = click.option("--heartbeat", type=click.IntRange(min=1), default=HEARTBEAT_S, show_default=True,
                              envvar="HARNESS_HEARTBEAT",
                              help="PostgreSQL: seconds between a trial's heartbeats; a trial silent for twice "
                                   "this is failed and run again.")

@@ -58,13 +58,9 @@ def format_status(study: Study, rows: list[dict[str, Any]], trials: int | None =
 
 def best_of(study: Study, stores: Stores, strategy: str | None = None) -> tuple[str, optuna.trial.FrozenTrial]:
     """(strategy, best trial) of one strategy, or of the best strategy overall."""
-    url = stores.storage
-    candidates = [strategy] if strategy else study.strategies
-    if strategy and strategy not in study.spaces:
-        raise HarnessError(f"--strategy: '{strategy}' is not in the study (it has: {', '.join(study.strategies)})")
     found = []
-    for s in candidates:
-        ostudy = load_ostudy(study, s, url)
+    for s in study.select([strategy] if strategy else None).strategies:
+        ostudy = load_ostudy(study, s, stores.storage)
         best = best_trial(ostudy) if ostudy else None
         if best is not None:
             found.append((s, best))

@@ -19,6 +19,7 @@ from harness.errors import HarnessError
 JOURNAL = "optuna.journal"
 LEGACY_SQLITE = "optuna.db"     # the default before several workers existed
 MLFLOW_DB = "mlflow.db"
+HEARTBEAT_S = 30                # --heartbeat's default
 
 
 def optuna_spec(workspace: str | Path, explicit: str | None = None) -> str:
@@ -46,11 +47,11 @@ class Stores:
     workspace: Path
     storage: str              # the Optuna storage spec
     tracking_uri: str         # the MLflow tracking URI
-    heartbeat: int = 30
+    heartbeat: int = HEARTBEAT_S
 
     @classmethod
     def resolve(cls, workspace: str | Path = "workspace", storage: str | None = None,
-                tracking: str | None = None, heartbeat: int = 30) -> "Stores":
+                tracking: str | None = None, heartbeat: int = HEARTBEAT_S) -> "Stores":
         return cls(Path(workspace), optuna_spec(workspace, storage), tracking_uri(workspace, tracking), heartbeat)
 
     def ready(self) -> "Stores":

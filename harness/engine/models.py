@@ -4,7 +4,7 @@ Two kinds of model, one contract (`LayerGroups`, harness/engine/groups.py):
 - torchvision archs: a `TransferModel`, an `nn.Sequential` whose children ARE the layer
   groups, so `model[g]` is group g (fastai's splits, below).
 - `timm/<name>`: any timm architecture, grouped from its own block structure
-  (harness/timm_models.py).
+  (harness/engine/timm_models.py).
 
 Splits (3 groups each; documented here because users tune per-group LRs on them):
 - resnet18/34/50 (fastai's split): early = conv1, bn1, relu, maxpool, layer1, layer2;

@@ -16,7 +16,6 @@ from typing import Any
 from harness.errors import HarnessError
 
 
-
 @dataclass(frozen=True)
 class Rules:
     """What must hold between a strategy's hyperparameters in every trial."""

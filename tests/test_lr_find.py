@@ -14,7 +14,7 @@ from harness import report
 from harness.sweep import centre
 from harness.errors import HarnessError
 from harness.engine.recipe import Recipe
-from tests.conftest import needs_fashion, tiny_recipe_dict
+from conftest import needs_fashion, tiny_recipe_dict
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BETA = 0.98

@@ -3,7 +3,9 @@
 A model is cut into layer groups, input -> output, the new head last. The trainer sees only
 this contract (`LayerGroups`): `n_groups`, `group_names`, `group_members()` (every parameter in
 exactly one group), `body_state_dict()`, `group_blocks()`, `input_stats` (the mean/std the
-weights expect). harness/engine/models.py builds torchvision models to it, timm_models.py timm ones.
+weights expect), and the split forward `head_forward(features(x)) == model(x)` (what the body
+computes, then the head on it). harness/engine/models.py builds torchvision models to it,
+timm_models.py timm ones.
 """
 from __future__ import annotations
 
@@ -73,10 +75,28 @@ def group_names(n: int) -> list[str]:
 
 
 class LayerGroups:
-    """What the trainer needs of a model: its layer groups and its weights' input statistics."""
+    """What the trainer needs of a model: its layer groups and its weights' input statistics.
+    Mixed into an `nn.Module` (first among the bases, so its `train` is the one called)."""
     arch: str
     group_names: list[str]
     input_stats: InputStats = InputStats()   # ImageNet's, unless the weights say otherwise
+    eval_modules: tuple[nn.Module, ...] = ()  # truly frozen (set_trainable, train_bn off): always in eval mode
+
+    def train(self, mode: bool = True):
+        """nn.Module.train, then the truly frozen modules back to eval mode (fastai's BnFreeze):
+        `evaluate()`'s closing `model.train()` leaves them frozen."""
+        super().train(mode)   # type: ignore[misc]  (nn.Module's, next in the MRO)
+        for m in self.eval_modules:
+            m.eval()
+        return self
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the body hands the head group (a feature map, or pooled features)."""
+        raise NotImplementedError
+
+    def head_forward(self, f: torch.Tensor) -> torch.Tensor:
+        """The head group on `features(x)`: together exactly `model(x)`."""
+        raise NotImplementedError
 
     @property
     def n_groups(self) -> int:
@@ -101,11 +121,36 @@ def is_norm(m: nn.Module) -> bool:
 
 def set_trainable(model: LayerGroups, n_trainable: int, train_bn: bool = True) -> None:
     """Train the last `n_trainable` groups; earlier groups are frozen except (if train_bn)
-    their normalisation layers, as fastai's freeze_to does."""
+    their normalisation layers, as fastai's freeze_to does. Without train_bn the frozen
+    groups are truly frozen (fastai's train_bn=False with BnFreeze): their modules run in eval
+    mode even while the model trains (running statistics fixed, dropout and drop-path off).
+    With train_bn (the default) the model is in train mode throughout, as fastai's."""
     first = model.n_groups - n_trainable
     for g, members in enumerate(model.group_members()):
         for _, p, norm in members:
             p.requires_grad_(g >= first or (train_bn and norm))
+    model.eval_modules = () if train_bn or first == 0 else frozen_modules(model)
+    model.train(model.training)   # re-applies every module's mode: the new frozen set, the rest as the model
+
+
+def frozen_modules(model: nn.Module) -> tuple[nn.Module, ...]:
+    """The largest submodules that hold no trainable parameter and are not inside a module all
+    of whose parameters train: the frozen groups, with their parameter-free parts (activations,
+    dropout, drop-path). The root itself never is (it holds the head)."""
+    out: list[nn.Module] = []
+
+    def visit(m: nn.Module) -> None:
+        flags = [p.requires_grad for p in m.parameters()]
+        if flags and all(flags):
+            return                # a trainable module: its dropout trains with it
+        if not any(flags):
+            out.append(m)         # frozen, or parameter-free beside frozen ones
+            return
+        for child in m.children():
+            visit(child)
+    for child in model.children():
+        visit(child)
+    return tuple(out)
 
 
 def param_groups(model: LayerGroups, weight_decay: float) -> list[dict]:

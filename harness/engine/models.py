@@ -93,6 +93,14 @@ class TransferModel(LayerGroups, nn.Sequential):
     def group_blocks(self) -> list[list[str]]:
         return [[n for n, _ in group.named_children()] for group in list(self)[:-1]] + [["head (new)"]]
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        for group in list(self)[:-1]:   # nn.Sequential.forward, stopped before the head
+            x = group(x)
+        return x
+
+    def head_forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self[-1](f)
+
 
 def _torchvision_model(arch: str, weights: str) -> nn.Module:
     if weights != "imagenet":

@@ -7,7 +7,7 @@ taken in float32. Nothing here reads the device: the loss comes back as a device
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -36,13 +36,14 @@ def cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               hyper: Hyper) -> torch.Tensor:
-    """Set `hyper` on every param group, then forward, backward, step; the detached loss."""
+               hyper: Hyper, forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Set `hyper` on every param group, then forward, backward, step; the detached loss.
+    `forward` replaces the model's forward on images (a probe: the head on features)."""
     for pg in opt.param_groups:
         pg["lr"] = hyper.lrs[pg["layer_group"]]
         pg["betas"] = (hyper.beta1, hyper.sqr_mom)
     with autocast(x.device):
-        out = model(model_format(x, x.device))
+        out = forward(x) if forward is not None else model(model_format(x, x.device))
     loss = cross_entropy(out, y)
     loss.backward()
     opt.step()

@@ -85,9 +85,16 @@ class TimmTransferModel(LayerGroups, nn.Module):
         _check_partition(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "map":
-            return self.head(self.net.forward_features(x))
-        return self.head(self.net(x))   # pooled pre-logits into the fastai head, or the model's own logits
+        return self.head_forward(self.features(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The NCHW map (fastai head on a map; linear: the map its own head pools), or the
+        pooled pre-logits (fastai head on a ViT-like model)."""
+        return self.net(x) if self.mode == "pooled" else self.net.forward_features(x)
+
+    def head_forward(self, f: torch.Tensor) -> torch.Tensor:
+        # linear: timm's own forward_head (pool, its dropout, the reset classifier), as net(x) runs it
+        return self.net.forward_head(f) if self.mode == "linear" else self.head(f)
 
     def group_members(self) -> list[list[Member]]:
         params = dict(self.named_parameters())

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from harness.engine import data as data_mod
+from harness.engine import probe as probe_mod
 from harness import interrupts
 from harness.errors import HarnessError
 from harness.engine.groups import TIMM_PREFIX, LayerGroups, param_groups, set_trainable
@@ -161,6 +162,7 @@ class Prepared:
     n_iter: int                      # optimizer steps per epoch
     model: LayerGroups               # on the device, in train mode
     generator: torch.Generator       # seeded, on the device: shuffling and augmentation
+    workspace: Path | None = None    # where a disk feature cache goes (harness/engine/probe.py)
 
 
 def prepare(recipe: Recipe, workspace: str | Path = "workspace", device: str | None = None) -> Prepared:
@@ -176,13 +178,14 @@ def prepare(recipe: Recipe, workspace: str | Path = "workspace", device: str | N
     model = model.to(dev, memory_format=torch.channels_last if dev.type == "cuda" else torch.contiguous_format)
     model.train()
     gen = torch.Generator(device=dev).manual_seed(recipe.seed)
-    return Prepared(dev, ds, train_split, n_iter, model, gen)
+    return Prepared(dev, ds, train_split, n_iter, model, gen, Path(workspace))
 
 
 def check_inputs(recipe: Recipe, workspace: str | Path = "workspace") -> None:
     """Fail before anything is recorded: the device exists, the data loads (and is then
     cached in memory for the run), the weights are there and fit the arch."""
     resolve_device(recipe.device)
+    probe_mod.cache_mode()   # a bad HARNESS_FEATURE_CACHE fails here, not mid-run
     ds = data_mod.load_dataset(recipe.data, Path(workspace), recipe.seed)
     if len(ds.class_names) < 2:   # an image folder with a single class folder
         where = f"data.root: {recipe.data.root}" if recipe.data.dataset == "imagefolder" else "data.classes:"
@@ -251,7 +254,9 @@ def fine_tune(recipe: Recipe, tracker: Tracker | None = None, workspace: str | P
 
 class _Loop:
     """fine_tune's state across its stages: the step and epoch counters, where the numbers go.
-    No host synchronisation inside an epoch: its losses are read once, at its end."""
+    No host synchronisation inside an epoch: its losses are read once, at its end. A stage
+    that trains the head alone on a truly frozen body without augmentation trains it on the
+    body's cached features (`probe`, harness/engine/probe.py): the same steps and numbers."""
 
     def __init__(self, recipe: Recipe, run: Prepared, result: Result, tracker: Tracker,
                  report: Callable[[int, float | None], None] | None, counters: tuple[int, int]):
@@ -259,28 +264,31 @@ class _Loop:
         self.step, self.epoch = counters
         self.val = data_mod.to_device(run.dataset.val, run.device)
         self.bar = _NoBar()
+        self.probe: probe_mod.Probe | None = None   # the current stage's, when it qualifies
+        self.digests: dict[str, str] = {}           # split name -> content digest, for the probe
 
     def run_stage(self, k: int) -> bool:
         """Stage k (0-based): one one-cycle fit from a fresh optimizer; False when it diverged."""
         stage, model = self.recipe.stages[k], self.run.model
         set_trainable(model, stage.trainable_groups(model.n_groups), self.recipe.model.train_bn)
+        self.probe = self.stage_probe(stage)
         opt = make_optimizer(model, stage, self.recipe, self.run.device)
         self.result.stage_starts.append(self.step)
         return all(self.run_epoch(k, opt) for _ in range(stage.epochs))
 
     def run_epoch(self, k: int, opt: torch.optim.Optimizer) -> bool:
         recipe, run, result = self.recipe, self.run, self.result
-        stage, bs = recipe.stages[k], recipe.data.batch_size
+        stage, step_fn = recipe.stages[k], probe_mod.head_step if self.probe else train_step
         peaks, total = stage.peak_lrs(run.model.n_groups), stage.epochs * run.n_iter
         t0, first_step, losses = time.perf_counter(), self.step, []
-        for x, y in data_mod.train_batches(run.train, bs, run.generator, recipe.data.augment, run.model.input_stats):
+        for x, y in self.train_batches():
             interrupts.checkpoint()
             s = self.step - result.stage_starts[-1]
             hyper = Hyper([one_cycle_lr(s, total, peak, stage.div, stage.div_final, stage.pct_start) for peak in peaks],
                           one_cycle_mom(s, total, stage.pct_start, stage.moms), recipe.optimizer.sqr_mom)
             result.lrs.append(list(hyper.lrs))
             result.moms.append(hyper.beta1)
-            losses.append(train_step(run.model, opt, x, y, hyper))
+            losses.append(step_fn(run.model, opt, x, y, hyper))
             self.step += 1
             self.bar.update(1)
         self.epoch += 1
@@ -290,7 +298,7 @@ class _Loop:
         if len(bad):
             result.outcome = Outcome("diverged", step=first_step + int(bad[0]))
             return False
-        val_loss, val_acc = evaluate(run.model, self.val, 2 * bs, run.device)
+        val_loss, val_acc = self.evaluate("val", self.val)
         if val_loss is not None and not math.isfinite(val_loss):
             # the weights blew up even if the last training losses were still finite
             result.outcome = Outcome("diverged", step=self.step - 1, detail=f"validation loss is {val_loss}")
@@ -305,10 +313,30 @@ class _Loop:
             self.report(self.epoch, val_acc)
         return True
 
-    def test(self) -> None:
+    def stage_probe(self, stage: Stage) -> probe_mod.Probe | None:
+        """The stage's feature cache when it qualifies and its features fit the cache."""
         run = self.run
-        _, acc = evaluate(run.model, data_mod.to_device(run.dataset.test, run.device),
-                          2 * self.recipe.data.batch_size, run.device)
+        if not probe_mod.qualifies(self.recipe, stage, run.model.n_groups):
+            return None
+        probe = probe_mod.Probe(run.model, run.device, run.workspace, self.digests)
+        n_images = len(run.train.y) + len(self.val.y) + len(run.dataset.test.y)
+        return probe if probe.fits(run.train, n_images) else None
+
+    def train_batches(self):
+        """One epoch of (inputs, labels): images, or the cached features of a probe stage."""
+        run, bs = self.run, self.recipe.data.batch_size
+        if self.probe is not None:
+            return self.probe.train_batches(run.train, run.generator, bs)
+        return data_mod.train_batches(run.train, bs, run.generator, self.recipe.data.augment, run.model.input_stats)
+
+    def evaluate(self, name: str, split: data_mod.Split) -> tuple[float | None, float | None]:
+        bs = 2 * self.recipe.data.batch_size
+        if self.probe is not None:   # the last stage run was a probe: its body, unchanged
+            return self.probe.evaluate(name, split, bs)
+        return evaluate(self.run.model, split, bs, self.run.device)
+
+    def test(self) -> None:
+        _, acc = self.evaluate("test", data_mod.to_device(self.run.dataset.test, self.run.device))
         self.result.test_accuracy = acc
         if acc is not None:
             self.tracker.log_epoch(self.epoch, {"test/accuracy": acc})

@@ -272,23 +272,43 @@ def export(study_path, strategy, output, stores):
     click.echo(f"wrote {path}: {strat} trial {trial.number}, {study.config.metric} {trial.value:.4f}")
 
 
+class _SeedsType(click.ParamType):
+    """--seeds: a number of seeds (1 or more), or `auto`."""
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "auto":
+            return value
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a number nor 'auto'", param, ctx)
+        if n < 1:
+            self.fail(f"{n} is below 1", param, ctx)
+        return n
+
+
 @main.command()
 @click.argument("study_path", metavar="STUDY.yaml")
-@click.option("--seeds", type=click.IntRange(min=1), default=None, help="Seeds per strategy (default: the study's compare.seeds).")
+@click.option("--seeds", type=_SeedsType(), default=None,
+              help="Seeds per strategy (default: the study's compare.seeds), or `auto`: add seeds "
+                   "until the leading pair is separated, at most compare.max_seeds.")
 @store_options()
 @_fail_cleanly
 def compare(study_path, seeds, stores):
-    """Re-run each strategy's best recipe over K seeds and score it on the held-out test split."""
-    from harness.results import compare as run_compare
-    from harness.results import comparison_table, markdown_table, save_comparison
+    """Score each strategy's best recipe over K seeds on the held-out test split (and under
+    the study's shifts); test every pair; log the winner as an MLflow model."""
+    from harness.compare import compare as run_compare
+    from harness.compare import comparison_table, markdown_table, plan_compare, save_comparison
     from harness.sweep.study import load_study
 
     study = load_study(study_path)
-    cmp = run_compare(study, stores.ready(), seeds, echo=click.echo)
+    plan = plan_compare(study, seeds)     # a bad --seeds or shift: one line, nothing written
+    cmp = run_compare(study, stores.ready(), plan, echo=click.echo)
     out = save_comparison(study, cmp, stores)
     click.echo(markdown_table(comparison_table(cmp)))
     click.echo(cmp.verdict())
-    click.echo(f"saved {out}/compare.csv, compare.md, compare.png")
+    click.echo(f"saved {out}/compare.csv, compare_pairs.csv, compare.md, compare.png")
 
 
 @main.command()
@@ -341,15 +361,21 @@ def lr_find_cmd(recipe_path, stage, output, stores, device):
 
 
 @main.command()
+@click.argument("study_path", metavar="[STUDY.yaml]", required=False)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it to the network).")
 @click.option("--port", type=int, default=5000, show_default=True)
 @store_options()
 @_fail_cleanly
-def ui(host, port, stores):
-    """The MLflow UI on the workspace's tracking store."""
+def ui(study_path, host, port, stores):
+    """The MLflow UI on the workspace's tracking store; prints the URL of the study's
+    experiment (without STUDY.yaml: of every harness experiment) in the "Model training" view."""
     from harness.ui import serve_ui
 
-    serve_ui(stores.tracking_uri, host, port)
+    study = None
+    if study_path is not None:
+        from harness.sweep.study import load_study
+        study = load_study(study_path).name    # a bad study file: one line, no server started
+    serve_ui(stores.tracking_uri, host, port, study=study, workspace=stores.workspace)
 
 
 if __name__ == "__main__":

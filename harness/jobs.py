@@ -42,7 +42,7 @@ def tracked_fine_tune(recipe: Recipe, tracker: MlflowTracker, workspace: str | P
     if result.input_stats is not None:   # what the inputs were normalised with (the weights' own)
         tracker.log_params({"input.mean": list(result.input_stats.mean), "input.std": list(result.input_stats.std)})
     if result.lrs:
-        fig = lr_figure(result)
+        fig = lr_figure(result, trainable=recipe)
         tracker.log_figure(fig, "lr_schedule.png")
         plt.close(fig)
     if not result.ok:

@@ -7,22 +7,109 @@ matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def lr_figure(result, title: str = "") -> plt.Figure:
-    """LR of every layer group (log scale) and momentum per step, stage boundaries dashed."""
-    fig, (ax_lr, ax_mom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True,
-                                        gridspec_kw={"height_ratios": [3, 1]})
-    steps = range(len(result.lrs))
+FROZEN_STYLE = {"linestyle": ":", "color": "0.45", "linewidth": 1.0}   # a frozen group's LR
+FROZEN_LABEL = "frozen (LR not applied)"
+
+
+def stage_trainable(trainable, n_groups: int) -> list[int] | None:
+    """How many groups (the last ones, the head last) train in each stage: from a Recipe
+    (its stages' `trainable_groups`), a list of stages, or a list of counts; None stays None."""
+    if trainable is None:
+        return None
+    stages = getattr(trainable, "stages", trainable)
+    return [s if isinstance(s, int) else s.trainable_groups(n_groups) for s in stages]
+
+
+def frozen_mask(result, trainable) -> list[list[bool]] | None:
+    """[group][step]: True where the group is frozen at that step (None: not known)."""
+    n_groups, n_steps = len(result.group_names), len(result.lrs)
+    counts = stage_trainable(trainable, n_groups)
+    if counts is None:
+        return None
+    starts = list(result.stage_starts) or [0]
+    mask = [[False] * n_steps for _ in range(n_groups)]
+    for k, start in enumerate(starts):
+        if k >= len(counts):
+            break
+        end = starts[k + 1] if k + 1 < len(starts) else n_steps
+        for g in range(n_groups - counts[k]):       # the first n - trainable groups are frozen
+            for t in range(start, min(end, n_steps)):
+                mask[g][t] = True
+    return mask
+
+
+def _runs(flags: list[bool]):
+    """(start, end, flag) for every maximal run of equal flags; end exclusive."""
+    start = 0
+    for t in range(1, len(flags) + 1):
+        if t == len(flags) or flags[t] != flags[start]:
+            yield start, t, flags[start]
+            start = t
+
+
+def lr_panel(ax, result, trainable=None) -> bool:
+    """Every layer group's LR per step (log scale) on `ax`, stage starts dashed, no legend
+    (`lr_legend`). With `trainable` (a Recipe, its stages, or trainable-group counts per
+    stage), the steps where a group is frozen are a thin dotted grey line: the optimizer
+    holds an LR for the group, but its weights do not move, so a frozen body must not read
+    as a training one. Returns whether any frozen segment was drawn."""
+    mask = frozen_mask(result, trainable)
+    steps = list(range(len(result.lrs)))
+    any_frozen = False
     for g, name in enumerate(result.group_names):
-        ax_lr.plot(steps, [row[g] for row in result.lrs], label=name)
-    ax_mom.plot(steps, result.moms, color="gray")
+        ys = [row[g] for row in result.lrs]
+        runs = [(0, len(steps), False)] if mask is None else _runs(mask[g])
+        for a, b, frozen in runs:
+            if frozen:
+                any_frozen = True
+                ax.plot(steps[a:b], ys[a:b], **FROZEN_STYLE, label=f"_{name} (frozen)")
+            else:
+                ax.plot(steps[a:b], ys[a:b], color=f"C{g}", linestyle="-", linewidth=1.5, label=name)
+    for s in result.stage_starts[1:]:
+        ax.axvline(s, color="black", linestyle="--", linewidth=0.8)
+    ax.set_yscale("log")
+    return any_frozen
+
+
+def never_trained(result, trainable) -> list[str]:
+    """The groups frozen at every step (head_only's body)."""
+    mask = frozen_mask(result, trainable)
+    if mask is None or not result.lrs:
+        return []
+    return [name for name, m in zip(result.group_names, mask) if all(m)]
+
+
+def lr_legend(ax, group_names, frozen: bool, frozen_throughout=(), **kwargs) -> None:
+    """One entry per group that trains, in its colour, and one for the dotted grey of a
+    frozen group when a panel drew one (naming the groups that never train)."""
+    from matplotlib.lines import Line2D
+    handles = [Line2D([], [], color=f"C{g}", linestyle="-", linewidth=1.5, label=name)
+               for g, name in enumerate(group_names) if name not in frozen_throughout]
+    if frozen:
+        label = FROZEN_LABEL + (f"\n{', '.join(frozen_throughout)}: throughout" if frozen_throughout else "")
+        handles.append(Line2D([], [], **FROZEN_STYLE, label=label))
+    ax.legend(handles=handles, title="layer group", **kwargs)
+
+
+def lr_figure(result, title: str = "", trainable=None) -> plt.Figure:
+    """LR of every layer group (log scale) and momentum per step, stage boundaries dashed.
+    `trainable` (a Recipe, its stages, or trainable-group counts per stage) draws the steps
+    where a group is frozen as a thin dotted grey line."""
+    fig, (ax_lr, ax_mom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True,
+                                        gridspec_kw={"height_ratios": [3, 1]})
+    frozen = lr_panel(ax_lr, result, trainable)
+    # beside the curves, not on them: a schedule's curves cover every corner of the axes
+    lr_legend(ax_lr, result.group_names, frozen, never_trained(result, trainable),
+              loc="upper left", bbox_to_anchor=(1.01, 1),
+              fontsize=8, title_fontsize=8)
+    ax_mom.plot(range(len(result.moms)), result.moms, color="gray")
     for i, s in enumerate(result.stage_starts):
-        for ax in (ax_lr, ax_mom):
-            ax.axvline(s, color="black", linestyle="--", linewidth=0.8)
+        ax_mom.axvline(s, color="black", linestyle="--", linewidth=0.8)
+        if i == 0:
+            ax_lr.axvline(s, color="black", linestyle="--", linewidth=0.8)
         ax_lr.annotate(f"stage {i + 1}", (s, 1), xycoords=("data", "axes fraction"),
                        xytext=(3, -12), textcoords="offset points", fontsize=8)
-    ax_lr.set_yscale("log")
     ax_lr.set_ylabel("learning rate")
-    ax_lr.legend(title="layer group")
     ax_lr.set_title(title or "One-cycle schedule per layer group")
     ax_mom.set_ylabel("momentum (beta1)")
     ax_mom.set_xlabel("optimizer step")
@@ -59,7 +146,9 @@ def optuna_figures(ostudy) -> list[tuple[str, plt.Figure]]:
         if len(complete) < needed or (name != "optimization_history" and not complete[0].params):
             continue
         try:
-            with warnings.catch_warnings():
+            # optuna's plots switch the global style to ggplot: kept inside, so the LR
+            # pictures drawn after them keep the default look
+            with warnings.catch_warnings(), matplotlib.rc_context():
                 warnings.simplefilter("ignore")
                 ax = plot(ostudy)
         except (ValueError, RuntimeError, ZeroDivisionError):
@@ -73,12 +162,18 @@ def optuna_figures(ostudy) -> list[tuple[str, plt.Figure]]:
 
 
 def compare_figure(cmp) -> plt.Figure:
-    """Test accuracy per strategy (every seed a dot, mean and 95% interval) above the LR
-    curves of each strategy's best recipe."""
+    """Test accuracy per strategy (every seed a dot, mean and 95% interval), beside it (when
+    the study names shifts) the accuracy under each shift, above the LR curves of each
+    strategy's best recipe."""
     n = len(cmp.rows)
-    fig = plt.figure(figsize=(max(8, 3.2 * n), 7.5))
-    grid = fig.add_gridspec(2, n, height_ratios=[1.2, 1])
-    ax = fig.add_subplot(grid[0, :])
+    shifts = bool(cmp.rows[0].shift)
+    cols = max(n, 2) if shifts else n
+    fig = plt.figure(figsize=(max(8 if not shifts else 11, 3.2 * cols), 7.5))
+    grid = fig.add_gridspec(2, cols, height_ratios=[1.2, 1])
+    split = max(1, cols // 2 + cols % 2) if shifts else cols
+    ax = fig.add_subplot(grid[0, :split])
+    if shifts:
+        shift_panel(fig.add_subplot(grid[0, split:]), cmp)
     for i, r in enumerate(cmp.rows):
         lo, hi = r.ci95()
         ax.errorbar([i], [r.mean], yerr=[[r.mean - lo], [hi - r.mean]], fmt="s", color="black",
@@ -87,23 +182,37 @@ def compare_figure(cmp) -> plt.Figure:
         ax.scatter(jitter, r.test, alpha=0.7, zorder=2, label=None)
     ax.set_xticks(range(n), [r.strategy for r in cmp.rows])
     ax.set_ylabel("test accuracy")
-    ax.set_title(cmp.verdict(), fontsize=10)
+    ax.set_title(_wrap(cmp.verdict(), 70 if shifts else 110), fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    for i, r in enumerate(cmp.rows):
-        sub = fig.add_subplot(grid[1, i])
-        res = r.lr_result
-        for g, name in enumerate(res.group_names):
-            sub.plot([row[g] for row in res.lrs], label=name)
-        for s in res.stage_starts[1:]:
-            sub.axvline(s, color="black", linestyle="--", linewidth=0.8)
-        sub.set_yscale("log")
-        sub.set_title(f"{r.strategy}: best recipe LRs", fontsize=9)
-        sub.set_xlabel("step")
-        if i == 0:
-            sub.set_ylabel("learning rate")
-            sub.legend(fontsize=7)
+    lr_panels(fig, grid, cmp.rows)
     fig.tight_layout()
     return fig
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+    return "\n".join(textwrap.wrap(text, width))
+
+
+def lr_panels(fig, grid, rows) -> list:
+    """compare_figure's bottom row: each strategy's best-recipe LRs (seed 0) in `grid[1, i]`,
+    frozen steps dotted grey (from `row.recipe`); one legend, on the first panel, naming the
+    groups and the frozen style whenever any panel has a frozen segment."""
+    axes, frozen, always = [], False, None
+    for i, r in enumerate(rows):
+        sub = fig.add_subplot(grid[1, i])
+        trainable = getattr(r, "recipe", None)
+        frozen |= lr_panel(sub, r.lr_result, trainable)
+        mine = set(never_trained(r.lr_result, trainable))
+        always = mine if always is None else always & mine   # frozen in every panel
+        sub.set_title(f"{r.strategy}: best recipe LRs", fontsize=9)
+        sub.set_xlabel("step")
+        axes.append(sub)
+    if axes:
+        axes[0].set_ylabel("learning rate")
+        names = rows[0].lr_result.group_names
+        lr_legend(axes[0], names, frozen, [n for n in names if n in always], fontsize=7, title_fontsize=7)
+    return axes
 
 
 def groups_table(model) -> str:
@@ -172,3 +281,18 @@ def lr_find_stages_figure(results) -> plt.Figure:
                  fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def shift_panel(ax, cmp) -> None:
+    """In-distribution and shifted test accuracy per strategy: one line per strategy across
+    the conditions (the test split, then each shift), each point the mean over seeds."""
+    labels = list(cmp.rows[0].shift)
+    conditions = ["test split", *labels]
+    for i, r in enumerate(cmp.rows):
+        means = [r.mean, *(r.shift_mean(label) for label in labels)]
+        ax.plot(range(len(conditions)), means, marker="o", color=f"C{i}", label=r.strategy)
+    ax.set_xticks(range(len(conditions)), conditions, rotation=20, fontsize=8)
+    ax.set_ylabel("accuracy (mean over seeds)")
+    ax.set_title("in distribution and under shift", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)

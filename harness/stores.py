@@ -80,6 +80,10 @@ class Stores:
         """A study's best recipe: WORKSPACE/exports/<study>-<strategy>.yaml."""
         return self.workspace / "exports" / f"{study}-{strategy}.yaml"
 
+    def kept_models(self, study: str, strategy: str) -> Path:
+        """A strategy's best trial's model: WORKSPACE/models/<study>/<strategy>/trial-<n>.pt."""
+        return self.workspace / "models" / study / strategy
+
     def reports(self, study: str) -> Path:
         """A study's comparison: WORKSPACE/reports/<study>/."""
         return self.workspace / "reports" / study

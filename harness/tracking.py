@@ -21,6 +21,10 @@ from harness.errors import HarnessError, reason, redact
 
 BATCH = 1000        # MLflow's limit of metrics per log_batch request
 PARAM_BATCH = 100   # ... and of params
+# MLflow 3's experiment kind: every harness experiment is model training, not GenAI
+EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
+TRAIN_EXPERIMENT = "harness-train"   # `harness train`'s experiment
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,34 @@ class MlflowTracker:
         finally:
             self._pool.shutdown(wait=True)
 
+    def log_model(self, model, name: str) -> str:
+        """Log a PyTorch model (pickled whole: load it with `mlflow.pytorch.load_model(uri)`
+        where finetune-harness is installed); its `models:/` URI is also the run's tag
+        `<name>_uri`. No requirement inference: it would import the model in a subprocess."""
+        import logging
+        import warnings
+
+        import mlflow
+        import mlflow.pytorch
+        import torch
+        mlflow.set_tracking_uri(self.client.tracking_uri)
+        # the model's own record (a LoggedModel) goes to the active experiment: the run's, not Default
+        mlflow.set_experiment(experiment_id=self.client.get_run(self.run_id).info.experiment_id)
+        log = logging.getLogger("mlflow.pytorch")   # its pickle warning: the docstring says it
+        level = log.level
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            log.setLevel(logging.ERROR)
+            try:
+                info = mlflow.pytorch.log_model(model.eval(), name=name, run_id=self.run_id,
+                                                serialization_format="pickle",
+                                                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                                                  "finetune-harness"])
+            finally:
+                log.setLevel(level)
+        self.set_tags({f"{name}_uri": info.model_uri})
+        return info.model_uri
+
     def _send(self, metrics: list) -> None:
         for i in range(0, len(metrics), BATCH):
             chunk = metrics[i:i + BATCH]
@@ -133,20 +165,47 @@ class Tracking:
         return self.workspace / "artifacts" if self.uri.startswith("sqlite:") else None
 
     def experiment_id(self, name: str) -> str:
-        """The experiment's id, created (with artifacts under the artifact root) if missing."""
+        """The experiment's id, created (with artifacts under the artifact root) if missing.
+        Every experiment the harness opens carries EXPERIMENT_TAGS: one made before them
+        gets them now."""
         client, root = self.client, self.artifact_root
         exp = client.get_experiment_by_name(name)
         if exp is not None:
+            self._tag_experiment(exp)
             return exp.experiment_id
         location = (root / name).resolve().as_uri() if root else None
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location, tags=dict(EXPERIMENT_TAGS))
         except Exception:
             # another worker created it between our look-up and create
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
+            self._tag_experiment(exp)
             return exp.experiment_id
+
+    def _tag_experiment(self, exp) -> None:
+        for key, value in EXPERIMENT_TAGS.items():
+            if key not in exp.tags:
+                try:
+                    self.client.set_experiment_tag(exp.experiment_id, key, value)
+                except Exception:
+                    pass   # a worker starting at the same time wrote it first; or a read-only store
+
+    def find_experiment(self, name: str) -> str | None:
+        """The id of the active experiment named `name`; None if there is none (nothing is
+        created)."""
+        exp = self.client.get_experiment_by_name(name)
+        return exp.experiment_id if exp is not None and exp.lifecycle_stage == "active" else None
+
+    def harness_experiments(self) -> list[tuple[str, str]]:
+        """(id, name) of every active experiment the harness made or opened (it carries the
+        tag `harness.study` or `mlflow.experimentKind`; or it is `harness-train`), by id."""
+        from mlflow.entities import ViewType
+        exps = self.client.search_experiments(view_type=ViewType.ACTIVE_ONLY)
+        mine = [e for e in exps if "harness.study" in e.tags or EXPERIMENT_KIND in e.tags
+                or e.name == TRAIN_EXPERIMENT]
+        return sorted(((e.experiment_id, e.name) for e in mine), key=lambda e: (len(e[0]), e[0]))
 
     def probe(self, experiment: str) -> None:
         """Can we write there? Checked before any other store is touched: the experiment is

@@ -8,6 +8,12 @@ disk, so a run's PNGs and YAML show in the UI without any proxying. `--serve-art
 the UI itself (their root becomes `mlflow-artifacts:/`): without it MLflow would write them to
 `./mlartifacts` in whatever folder the UI was started from.
 
+Links: MLflow 3 opens its GenAI view (traces) at the root URL unless the browser chose
+otherwise; `?workflowType=machine_learning` opens the "Model training" view instead, so
+`harness ui` prints each experiment's runs table as
+`http://HOST:PORT/#/experiments/<id>?workflowType=machine_learning` (checked in headless
+Chromium, tests/test_ui.py).
+
 Security: the server binds 127.0.0.1 unless the caller passes another host. MLflow 3's
 host-header and CORS middleware stay on with their defaults, which accept
 `http://127.0.0.1:PORT` and `http://localhost:PORT` (and private-network IPs); to reach the UI
@@ -29,7 +35,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, reason, redact
 
 POLL_S = 0.5          # between health probes
 PROBE_TIMEOUT_S = 2   # one health probe
@@ -85,6 +91,42 @@ def _probe_host(host: str) -> str:
 
 def ui_url(host: str, port: int) -> str:
     return f"http://{_probe_host(host)}:{int(port)}"
+
+
+WORKFLOW = "workflowType=machine_learning"   # MLflow 3's "Model training" view, not GenAI's
+
+
+def experiment_url(base: str, experiment_id: str) -> str:
+    """The runs table of one experiment, in the "Model training" view."""
+    return f"{base}/#/experiments/{experiment_id}?{WORKFLOW}"
+
+
+def experiments_url(base: str) -> str:
+    """The list of every experiment, in the "Model training" view."""
+    return f"{base}/#/experiments?{WORKFLOW}"
+
+
+def experiment_links(tracking_uri: str, base: str, study: str | None = None,
+                     workspace: str | Path = ".") -> list[str]:
+    """The lines `harness ui` prints after the root URL: the study's experiment URL (or one
+    line saying it does not exist yet, with the root URL), else every harness experiment's
+    URL (or the experiments list when there is none). Nothing is created in the store."""
+    from harness.tracking import Tracking
+
+    db = _sqlite_path(tracking_uri)
+    try:
+        tracking = Tracking(tracking_uri, workspace)
+        if study is not None:
+            exp_id = None if db is not None and not db.exists() else tracking.find_experiment(study)
+            if exp_id is None:
+                return [f"experiment {study}: not in this store yet (`harness sweep` makes it); open {base}"]
+            return [f"experiment {study}: {experiment_url(base, exp_id)}"]
+        exps = [] if db is not None and not db.exists() else tracking.harness_experiments()
+    except Exception as e:
+        return [f"experiments: cannot list them ({reason(e)}); open {experiments_url(base)}"]
+    if not exps:
+        return [f"no harness experiment in this store yet; experiments: {experiments_url(base)}"]
+    return [f"experiment {name}: {experiment_url(base, exp_id)}" for exp_id, name in exps]
 
 
 def _port_free(host: str, port: int) -> tuple[bool, str]:
@@ -211,25 +253,38 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> None:
+def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000,
+             study: str | None = None, workspace: str | Path = ".") -> None:
     """Run the MLflow UI in the foreground until Ctrl-C, SIGTERM or SIGHUP (or until it exits
-    on its own). The server runs in its own session, so it is stopped here, never orphaned."""
+    on its own), printing the URL of `study`'s experiment (or of every harness experiment).
+    The server runs in its own session, so it is stopped here, never orphaned."""
     import threading
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             previous[sig] = signal.signal(sig, _interrupt)
     try:
-        _serve(tracking_uri, host, port)
+        _serve(tracking_uri, host, port, study, workspace)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _serve(tracking_uri: str, host: str, port: int) -> None:
+def _serve(tracking_uri: str, host: str, port: int, study: str | None = None,
+           workspace: str | Path = ".") -> None:
+    import threading
+    # the look-up (importing mlflow, opening the store) takes about as long as the server's
+    # start: run it meanwhile, in a daemon thread (a server that fails to start exits at once)
+    links: list[str] = []
+    lookup = threading.Thread(target=lambda: links.extend(experiment_links(
+        tracking_uri, ui_url(host, port), study, workspace)), name="ui-links", daemon=True)
+    lookup.start()
     proc = start_ui(tracking_uri, host, port)
     try:
-        print(f"MLflow UI: {proc.url}  (tracking store {tracking_uri}; Ctrl-C to stop)", flush=True)
+        print(f"MLflow UI: {proc.url}  (tracking store {redact(tracking_uri)}; Ctrl-C to stop)", flush=True)
+        lookup.join()
+        for line in links:
+            print(line, flush=True)
         if host in ("", "0.0.0.0", "::", "[::]"):
             print(f"listening on all interfaces ({host or '0.0.0.0'}): anyone on your network can reach it",
                   flush=True)

@@ -115,6 +115,16 @@ def merge(base: dict, changes: dict, replace: tuple[str, ...] = ()) -> dict:
     return out
 
 
+def _shrink_compare(compare: dict) -> dict:
+    out = {**compare, "seeds": SEEDS}
+    if out.get("max_seeds") is not None:
+        out["max_seeds"] = min(out["max_seeds"], SEEDS + 1)
+    if out.get("corruptions"):
+        name, severities = next(iter(out["corruptions"].items()))
+        out["corruptions"] = {name: severities[:1]}
+    return out
+
+
 def shrink(study_path: str | os.PathLike, dest_dir: str | os.PathLike, **changes: Any) -> Shrunk:
     """Write a shrunk, self-contained copy of the study at `study_path` into `dest_dir`.
 
@@ -124,7 +134,8 @@ def shrink(study_path: str | os.PathLike, dest_dir: str | os.PathLike, **changes
 
     - The recipe is inlined: a `recipe:` path is read relative to the study file (its stages
       dropped). `recipe.device` becomes cpu.
-    - `trials` 2, `compare.seeds` 2; `pruner`, `sampler`, `metric`, `name` are kept.
+    - `trials` 2, `compare.seeds` 2 (`max_seeds` at most 3); `compare.corruptions` keeps only
+      its first corruption at its first severity; `pruner`, `sampler`, `metric`, `name` are kept.
     - `budget.epochs` 2; with the `gradual` strategy, max(2, recipe.model.groups (the schema's
       default when unset, 3)), since gradual spends one stage (at least one epoch) per layer group.
     - Epoch-split hyperparameters (a strategy's `rules.epoch_splits` in
@@ -205,7 +216,7 @@ def shrink(study_path: str | os.PathLike, dest_dir: str | os.PathLike, **changes
 
     shrunk = dict(raw)   # the study's own key order; keys it lacks go last
     shrunk.update(recipe=recipe, budget={**(raw.get("budget") or {}), "epochs": epochs}, trials=TRIALS,
-                  strategies=strategies, compare={**(raw.get("compare") or {}), "seeds": SEEDS})
+                  strategies=strategies, compare=_shrink_compare(raw.get("compare") or {}))
     shrunk = merge(shrunk, changes, replace=("strategies",))
     final_weights = ((shrunk.get("recipe") or {}).get("model") or {}).get("weights") \
         if isinstance(shrunk.get("recipe"), dict) else None

@@ -15,7 +15,8 @@ from scipy import stats
 
 from conftest import FASHION_DIR, needs_fashion
 from harness.cli import main
-from harness.results import Comparison, StrategyResult, status_rows
+from harness.compare import Comparison, StrategyResult
+from harness.results import status_rows
 from harness.stores import Stores
 from harness.sweep.study import load_study
 from test_sweep import (BASE_STUDY, PNG_MAGIC, THREADS, base_recipe, base_sweep,
@@ -211,25 +212,33 @@ def test_verdict_significant():
     a, b = [0.90, 0.91, 0.92, 0.93], [0.80, 0.80, 0.83, 0.82]
     p = stats.ttest_rel(a, b).pvalue
     assert p < 0.05
-    cmp = Comparison(rows(a, b), "s0", "s1", p)
-    assert cmp.significant
+    cmp = Comparison.of(rows(a, b))
+    assert cmp.significant and cmp.p_value == pytest.approx(p, rel=1e-9)
     assert cmp.verdict() == (f"s0 wins; its lead over s1 is significant "
                              f"(paired t-test over 4 seeds, p = {p:.3g}).")
 
 
-def test_verdict_not_significant():
+def test_verdict_not_significant_says_how_many_seeds_would_separate():
     a, b = [0.90, 0.80, 0.85], [0.84, 0.86, 0.83]
     p = stats.ttest_rel(a, b).pvalue
     assert p >= 0.05
-    cmp = Comparison(rows(a, b), "s0", "s1", p)
+    cmp = Comparison.of(rows(a, b))
     assert not cmp.significant
     assert cmp.verdict().startswith("s0 wins; its lead over s1 is not significant (paired t-test over 3 seeds")
-    assert not Comparison(rows(a, b), "s0", "s1", 0.05).significant      # p < 0.05 is significant
+    need = cmp.seeds_needed()
+    assert need is not None and need > 3 and f"about {need} seeds would separate them" in cmp.verdict()
+
+
+def test_rows_are_ordered_by_mean_and_the_winner_is_first():
+    cmp = Comparison.of(rows([0.5, 0.6], [0.9, 0.8], [0.7, 0.7]))
+    assert [r.strategy for r in cmp.rows] == ["s1", "s2", "s0"]
+    assert (cmp.winner, cmp.runner_up) == ("s1", "s2")
+    assert [(t.a, t.b) for t in cmp.pairs] == [("s1", "s2"), ("s1", "s0"), ("s2", "s0")]
 
 
 def test_verdict_single_strategy_and_single_seed():
-    cmp = Comparison(rows([0.9, 0.8]), "s0", None, None)
+    cmp = Comparison.of(rows([0.9, 0.8]))
     assert not cmp.significant
     assert cmp.verdict() == "s0 is the only strategy with a completed trial."
-    cmp = Comparison(rows([0.9], [0.8]), "s0", "s1", None)
+    cmp = Comparison.of(rows([0.9], [0.8]))
     assert "s0 leads s1" in cmp.verdict() and "more than one seed" in cmp.verdict()

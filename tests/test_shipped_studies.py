@@ -190,5 +190,8 @@ def test_shipped_study_runs_end_to_end_shrunk(study, tmp_path):
     with open(table) as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["strategy"] for r in rows) == sorted(strategies)
+    shifts = [f"{c}-{sev[0]}_mean" for c, sev in (d["compare"].get("corruptions") or {}).items()]
+    assert out.count("(the sweep's own model)") == len(strategies), out   # seed 0: the kept models
     for r in rows:
         assert int(r["seeds"]) == SEEDS and 0.0 <= float(r["test_accuracy_mean"]) <= 1.0
+        assert all(0.0 <= float(r[col]) <= 1.0 for col in shifts), (shifts, r)

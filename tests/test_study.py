@@ -109,7 +109,7 @@ INVALID = [
     ("lr-low-range-above-default-lr-high", {"strategies": two_phase(lr_low={"low": 1e-4, "high": 1e-2})},
      "strategies.two_phase.lr_low", "0.01"),
     ("unknown-sampler", {"sampler": "cmaes"}, "sampler", "'tpe', 'gp' or 'random'"),
-    ("unknown-pruner", {"pruner": "asha"}, "pruner", "'median', 'hyperband' or 'none'"),
+    ("unknown-pruner", {"pruner": "asha"}, "pruner", "'median', 'hyperband', 'layout' or 'none'"),
     ("zero-trials", {"trials": 0}, "trials", "greater than or equal to 1"),
     ("float-trials", {"trials": 2.5}, "trials", "integer"),
     ("zero-budget", {"budget": {"epochs": 0}}, "budget.epochs", "greater than or equal to 1"),
@@ -231,7 +231,7 @@ def test_defaults_of_the_optional_fields(tmp_path, study_dict):
     study = load_study(write_study(tmp_path / "study.yaml", d))
     cfg = study.config
     assert (cfg.metric, cfg.trials, cfg.sampler, cfg.pruner, cfg.compare.seeds) == (
-        "val/accuracy", 8, "tpe", "median", 3)
+        "val/accuracy", 8, "tpe", "none", 3)
     assert study.direction == "maximize"
     d["metric"] = "val/loss"     # a study maximises val/accuracy; nothing else is offered
     with pytest.raises(HarnessError, match="metric"):

@@ -495,6 +495,34 @@ def test_median_pruner_prunes_a_trial_below_the_median(tmp_path, tmp_path_factor
     assert any("trial 3 pruned" in ln for ln in lines), lines
 
 
+@pytest.mark.parametrize("strategy, pruned", [("two_phase", True), ("naive", False)])
+def test_layout_pruner_prunes_at_the_end_of_the_frozen_stage_and_never_a_single_stage(
+        tmp_path, tmp_path_factory, monkeypatch, strategy, pruned):
+    """`pruner: layout`: each trial records its stage layout and val image count; a two_phase
+    trial far below three peers of its layout is pruned at epoch 1 (the end of its head
+    stage); naive, one stage, has no annealed point before its end and is never pruned."""
+    import harness.jobs
+    from harness.sweep.pruning import LAYOUT_ATTR, N_ATTR
+    from harness.sweep.sweep import run_sweep
+
+    spaces = {"two_phase": {"freeze_epochs": 1, "lr_high": {"low": 1e-3, "high": 1e-2, "log": True}},
+              "naive": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}}
+    study_d = {**BASE_STUDY, "name": "prune-layout", "recipe": base_recipe(), "trials": 4, "pruner": "layout",
+               "strategies": {strategy: spaces[strategy]}}
+    study = load_study(write_study(tmp_path / "study.yaml", study_d))
+    calls: list = []
+    monkeypatch.setattr(harness.jobs, "tracked_fine_tune", fake_fine_tune([0.9, 0.9, 0.9, 0.1], calls))
+    storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", fresh_tracking_uri(tmp_path_factory, tmp_path)
+    run_sweep(study, Stores.resolve(tmp_path / "ws", storage, uri), study.select(), echo=lambda line: None)
+    trials = optuna.load_study(study_name=f"prune-layout/{strategy}", storage=storage).get_trials()
+    S = optuna.trial.TrialState
+    assert [t.state for t in trials] == [S.COMPLETE] * 3 + [S.PRUNED if pruned else S.COMPLETE]
+    assert trials[3].intermediate_values == ({1: 0.1} if pruned else {1: 0.1, 2: 0.1, 3: 0.1})
+    layout = [[1, 1], [2, 3]] if strategy == "two_phase" else [[3, 3]]
+    assert all(t.user_attrs[LAYOUT_ATTR] == layout for t in trials)
+    assert all(t.user_attrs[N_ATTR] == 16 for t in trials)     # 2 classes x 8 val images
+
+
 # --- export -> train replays the best trial exactly --------------------------------------------
 
 @needs_fashion

@@ -213,3 +213,44 @@ def test_probe_tracking_retries_a_colliding_first_write(tmp_path, uri, monkeypat
         with pytest.raises(HarnessError, match=r"cannot write \(RuntimeError: duplicate key"):
             tr.Tracking(uri, tmp_path).probe("probe")
     assert len(refused) == collisions
+
+
+# --- the experiment kind ----------------------------------------------------------------------
+
+def test_every_harness_experiment_is_of_the_model_training_kind(tmp_path, uri):
+    """MLflow 3 reads `mlflow.experimentKind`: a new experiment carries it from its creation;
+    one made before (or by someone else) without it gets it when the harness next opens it;
+    one that chose another kind keeps it."""
+    from harness.tracking import EXPERIMENT_TAGS
+    client = client_for(uri)
+    assert EXPERIMENT_TAGS == {"mlflow.experimentKind": "custom_model_development"}
+
+    with Tracking(uri, tmp_path).run("fresh", "r"):
+        pass
+    assert client.get_experiment_by_name("fresh").tags["mlflow.experimentKind"] == "custom_model_development"
+
+    old = client.create_experiment("older")
+    assert "mlflow.experimentKind" not in client.get_experiment(old).tags
+    assert Tracking(uri, tmp_path).experiment_id("older") == old
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+
+    chosen = client.create_experiment("chosen", tags={"mlflow.experimentKind": "finetuning"})
+    Tracking(uri, tmp_path).probe("chosen")
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "finetuning"
+
+
+def test_find_experiment_and_harness_experiments_create_nothing(tmp_path, uri):
+    client = client_for(uri)
+    tracking = Tracking(uri, tmp_path)
+    assert tracking.find_experiment("nope") is None
+    assert tracking.harness_experiments() == []
+    assert client.get_experiment_by_name("nope") is None           # a look-up creates nothing
+
+    study = tracking.experiment_id("study-a")
+    train = client.create_experiment("harness-train")              # made before the kind tag
+    client.create_experiment("someone-elses")                      # not the harness's
+    gone = tracking.experiment_id("deleted")
+    client.delete_experiment(gone)
+    assert tracking.find_experiment("study-a") == study
+    assert tracking.find_experiment("deleted") is None
+    assert tracking.harness_experiments() == [(study, "study-a"), (train, "harness-train")]

@@ -141,6 +141,88 @@ def test_serve_ui_stops_the_server_on_ctrl_c(tmp_path, monkeypatch, capsys):
     assert _signal.getsignal(_signal.SIGTERM) is not ui._interrupt   # handlers restored
 
 
+# --- fast: the experiment URLs `harness ui` prints ------------------------------------------
+
+BASE = "http://127.0.0.1:5999"
+
+
+def test_experiment_url_forms():
+    from harness.ui import experiment_url, experiments_url
+    assert experiment_url(BASE, "3") == f"{BASE}/#/experiments/3?workflowType=machine_learning"
+    assert experiments_url(BASE) == f"{BASE}/#/experiments?workflowType=machine_learning"
+
+
+def test_experiment_links_on_a_real_store(tmp_path, tmp_path_factory):
+    import shutil
+
+    from conftest import template_store
+    from harness.tracking import Tracking
+    from harness.ui import experiment_links
+
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(template_store(tmp_path_factory), db)
+    uri = f"sqlite:///{db}"
+    # an empty store: the study is not there yet (one line, the root URL); no experiment at all
+    assert experiment_links(uri, BASE, "quickstart", tmp_path) == [
+        f"experiment quickstart: not in this store yet (`harness sweep` makes it); open {BASE}"]
+    assert experiment_links(uri, BASE, None, tmp_path) == [
+        f"no harness experiment in this store yet; experiments: {BASE}/#/experiments?workflowType=machine_learning"]
+
+    tracking = Tracking(uri, tmp_path)
+    a, b = tracking.experiment_id("study-a"), tracking.experiment_id("study-b")
+    tracking.client.create_experiment("not-the-harness")
+    assert experiment_links(uri, BASE, "study-b", tmp_path) == [
+        f"experiment study-b: {BASE}/#/experiments/{b}?workflowType=machine_learning"]
+    assert experiment_links(uri, BASE, None, tmp_path) == [
+        f"experiment study-a: {BASE}/#/experiments/{a}?workflowType=machine_learning",
+        f"experiment study-b: {BASE}/#/experiments/{b}?workflowType=machine_learning"]
+    assert tracking.client.get_experiment_by_name("quickstart") is None   # nothing created
+
+
+def test_experiment_links_create_no_store(tmp_path, monkeypatch):
+    from harness.ui import experiment_links
+    monkeypatch.chdir(tmp_path)
+    assert experiment_links("sqlite:///x.db", BASE, "s")[0].startswith("experiment s: not in this store yet")
+    assert experiment_links("sqlite:///x.db", BASE)[0].startswith("no harness experiment")
+    assert not (tmp_path / "x.db").exists()
+    line = experiment_links("bogus-scheme://nowhere", BASE)
+    assert len(line) == 1 and line[0].startswith("experiments: cannot list them (")
+
+
+def test_ui_command_takes_a_study_file(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import harness.ui as ui
+    from harness.cli import main
+    calls = []
+    monkeypatch.setattr(ui, "serve_ui", lambda *a, **k: calls.append((a, k)))
+    root = Path(__file__).resolve().parent.parent
+    r = CliRunner().invoke(main, ["ui", str(root / "studies/quickstart.yaml"), "--workspace", str(tmp_path),
+                                  "--port", "5123"])
+    assert r.exit_code == 0, r.output
+    (args, kwargs), = calls
+    assert args[1:] == ("127.0.0.1", 5123) and kwargs["study"] == "quickstart"
+    assert kwargs["workspace"] == tmp_path
+
+    r = CliRunner().invoke(main, ["ui", "--workspace", str(tmp_path)])
+    assert r.exit_code == 0 and calls[-1][1]["study"] is None
+
+    r = CliRunner().invoke(main, ["ui", str(tmp_path / "missing.yaml"), "--workspace", str(tmp_path)])
+    assert r.exit_code == 2 and "missing.yaml: file not found" in r.output
+    assert len(calls) == 2                                   # no server for a bad study file
+
+
+def test_serve_ui_prints_the_study_experiment_url(tmp_path, monkeypatch, capsys):
+    import harness.ui as ui
+    monkeypatch.setattr(ui, "start_ui", lambda *a, **k: _fake_server(tmp_path, "import sys; sys.exit(0)"))
+    monkeypatch.setattr(ui, "experiment_links", lambda uri, base, study, ws: [f"experiment {study}: {base}/#/x"])
+    with pytest.raises(HarnessError, match="exited with code 0"):
+        ui.serve_ui("sqlite:///x.db", "127.0.0.1", 5000, study="s")
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == ["MLflow UI: http://127.0.0.1:1  (tracking store sqlite:///x.db; Ctrl-C to stop)",
+                       "experiment s: http://127.0.0.1:5000/#/x"]
+
+
 # --- slow: a real store, a real server ------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -250,3 +332,30 @@ def test_ui_run_page_in_headless_chromium(ui_store, tmp_path):
     for key in SERIES:                      # one chart per LR group, legend "<run> (<key>)"
         assert f"{CHILD_NAME} ({key})" in dom, key
     assert dom.count("scatterlayer") >= len(SERIES)   # plotly drew the curves
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_ui_printed_urls_open_the_model_training_view(ui_store, tmp_path):
+    """The URLs `harness ui` prints, on a real server in headless Chromium: the study's
+    experiment opens its runs table (MLflow 3's root URL would open the GenAI view, traces
+    and no runs), and the list of experiments names the study."""
+    from harness.ui import experiment_links
+    uri = f"sqlite:///{ui_store['ws']}/mlflow.db"
+    (line,) = experiment_links(uri, ui_store["base"], "ui-test", ui_store["ws"])
+    url = line.split(": ", 1)[1]
+    assert url == f"{ui_store['base']}/#/experiments/{ui_store['exp_id']}?workflowType=machine_learning"
+    assert experiment_links(uri, ui_store["base"], None, ui_store["ws"]) == [line]
+
+    exp = get_json(ui_store["base"], "/api/2.0/mlflow/experiments/get", experiment_id=ui_store["exp_id"])
+    tags = {t["key"]: t["value"] for t in exp["experiment"]["tags"]}
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+
+    r = _chromium(tmp_path, "runs", url, "--dump-dom")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ui-test-parent" in r.stdout and "Run Name" in r.stdout      # the runs table
+    assert "Model training" in r.stdout
+
+    r = _chromium(tmp_path, "list", f"{ui_store['base']}/#/experiments?workflowType=machine_learning", "--dump-dom")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ">ui-test<" in r.stdout and "Model training" in r.stdout

@@ -116,6 +116,51 @@ def load_dataset(cfg: Any, workspace: Path, seed: int) -> Dataset:
                    test=Split(test.x, test.y, size), class_names=[names[c] for c in chosen])
 
 
+def class_names(cfg: Any) -> list[str]:
+    """The recipe's class names in label order, found without decoding an image or writing
+    a cache (a check made before anything is written)."""
+    names = CLASS_NAMES_FASHION if cfg.dataset == "fashion-mnist" else _scan_imagefolder(cfg.root)[1]
+    return [names[c] for c in _resolve_classes(cfg.classes, names)]
+
+
+def folder_name(class_name: str) -> str:
+    """The folder a class's images sit in: its name, a '/' (Fashion-MNIST's T-shirt/top) as '_'."""
+    return class_name.replace("/", "_")
+
+
+def load_folder(root: str | Path, class_names: list[str], image_size: int, field: str) -> Split:
+    """An image folder with one subfolder per training class (`folder_name`), as a labelled
+    split at `image_size`; its classes must be exactly the training classes. Errors name `field`."""
+    base = Path(root)
+    if not base.is_dir():
+        raise HarnessError(f"{field}: {base} is not a directory")
+    wanted = {folder_name(n): i for i, n in enumerate(class_names)}
+    try:
+        found = {d.name: d for d in _class_dirs(base)}
+    except HarnessError as e:
+        raise HarnessError(f"{field}{str(e).removeprefix('data.root')}") from None
+    if set(found) != set(wanted):
+        extra, missing = sorted(set(found) - set(wanted)), sorted(set(wanted) - set(found))
+        said = "; ".join(part for part in (f"not training classes: {', '.join(extra)}" if extra else "",
+                                           f"missing: {', '.join(missing)}" if missing else "") if part)
+        raise HarnessError(f"{field}: the class folders of {base} differ from the training classes ({said})")
+    images, labels = [], []
+    for name, label in sorted(wanted.items(), key=lambda kv: kv[1]):
+        files = sorted(p for p in found[name].iterdir()
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        if not files:
+            raise HarnessError(f"{field}: class folder {found[name]} has no images")
+        for path in files:
+            try:
+                images.append(_decode_image(path, image_size))
+            except HarnessError as e:
+                raise HarnessError(f"{field}{str(e).removeprefix('data.root')}") from None
+            labels.append(label)
+    if any(t.shape[0] == 3 for t in images):
+        images = [t.expand(3, -1, -1) for t in images]
+    return Split(torch.stack(images), torch.tensor(labels, dtype=torch.int64), image_size)
+
+
 def _resolve_classes(classes: list[str | int] | None, names: list[str]) -> list[int]:
     """Turn cfg.classes (names or indices, or None for all) into dataset class indices, in the given order."""
     if classes is None:
@@ -457,12 +502,17 @@ def _mean_std(device: torch.device, mean: tuple, std: tuple) -> tuple[torch.Tens
             torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
-def _batch(split: Split, idx, stats: InputStats | None) -> torch.Tensor:
-    """Images `idx` of a split, resized to split.size on their device, normalised."""
+def raw_images(split: Split, idx) -> torch.Tensor:
+    """Images `idx` of a split, resized to split.size on their device, still uint8."""
     x = split.x[idx]
     if split.size is not None and x.shape[-2:] != (split.size, split.size):
         x = _resize(x, split.size)
-    return normalize(x, stats)
+    return x
+
+
+def _batch(split: Split, idx, stats: InputStats | None) -> torch.Tensor:
+    """Images `idx` of a split, resized to split.size on their device, normalised."""
+    return normalize(raw_images(split, idx), stats)
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:

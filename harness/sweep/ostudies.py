@@ -29,6 +29,12 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+    """`layout`: harness.sweep.pruning.LayoutPruner (compares only end-of-stage values of
+    trials with the same stages so far, beyond the val set's noise; see README "Pruning").
+    `median` and `hyperband` are Optuna's, comparing every epoch across all trials."""
+    if name == "layout":
+        from harness.sweep.pruning import LayoutPruner
+        return LayoutPruner()
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
     if name == "hyperband":

@@ -28,7 +28,31 @@ class Budget(_Strict):
 
 
 class CompareConfig(_Strict):
-    seeds: Annotated[StrictInt, Field(ge=1)] = 3
+    seeds: Annotated[StrictInt, Field(ge=1)] = 3            # seeds per strategy; with --seeds auto, the first look
+    max_seeds: Annotated[StrictInt, Field(ge=2)] | None = None   # --seeds auto adds seeds up to this many
+    shift_root: str | None = None                           # a second test folder: one subfolder per class
+    corruptions: dict[str, list[StrictInt]] = {}           # ImageNet-C style: name -> severities (1..5)
+
+    def check(self) -> None:
+        """One ValueError line, named from `compare.` on, for a value the schema cannot say."""
+        from harness.engine.shift import CORRUPTIONS
+        if self.max_seeds is not None and self.max_seeds < self.seeds:
+            raise ValueError(f"compare.max_seeds: {self.max_seeds} is below compare.seeds ({self.seeds})")
+        for name, severities in self.corruptions.items():
+            if name not in CORRUPTIONS:
+                hint = did_you_mean(name, CORRUPTIONS) or f" (known: {', '.join(CORRUPTIONS)})"
+                raise ValueError(f"compare.corruptions.{name}: unknown corruption{hint}")
+            bad = [v for v in severities if not 1 <= v <= 5]
+            if bad or not severities or len(set(severities)) != len(severities):
+                raise ValueError(f"compare.corruptions.{name}: severities must be distinct numbers 1..5, "
+                                 f"got {severities}")
+
+    def shift_folder(self, study_path: Path) -> Path | None:
+        """shift_root as given, or (when it is not there) beside the study file, like `recipe`."""
+        if self.shift_root is None:
+            return None
+        p = Path(self.shift_root)
+        return p if p.is_absolute() or p.exists() else study_path.parent / p
 
 
 class StudyConfig(_Strict):
@@ -38,7 +62,7 @@ class StudyConfig(_Strict):
     metric: Literal["val/accuracy"] = "val/accuracy"
     trials: Annotated[StrictInt, Field(ge=1)] = 8
     sampler: Literal["tpe", "gp", "random"] = "tpe"
-    pruner: Literal["median", "hyperband", "none"] = "median"
+    pruner: Literal["median", "hyperband", "layout", "none"] = "none"
     strategies: Annotated[dict[str, dict[str, Any] | None], Field(min_length=1)]
     compare: CompareConfig = CompareConfig()
 
@@ -105,6 +129,10 @@ def load_study(path: str | Path) -> Study:
         cfg = StudyConfig.model_validate(raw)
     except ValidationError as e:
         raise HarnessError(f"{path}: {format_validation_error(e, StudyConfig)}") from None
+    try:
+        cfg.compare.check()
+    except ValueError as e:
+        raise HarnessError(f"{path}: {e}") from None
     base = _base_recipe(cfg.recipe, path)
     spaces = {}
     for strategy, raw_space in cfg.strategies.items():

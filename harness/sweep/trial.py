@@ -14,6 +14,7 @@ from harness import jobs
 from harness.engine.stages import StagePlan
 from harness.errors import HarnessError
 from harness.stores import Stores
+from harness.sweep.keep import keep_if_best
 from harness.sweep.ostudies import best_trial, count_trials
 from harness.sweep.space import suggest
 from harness.sweep.study import Study
@@ -44,7 +45,7 @@ def objective(study: Study, strategy: str, stores: Stores, parent_id: str,
                           tags=_trial_tags(strategy, trial, worker)) as tracker:
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
             tracker.log_params(params)
-            result = jobs.tracked_fine_tune(recipe, tracker, stores.workspace, report=_pruning(trial, tracker),
+            result = jobs.tracked_fine_tune(recipe, tracker, stores.workspace, report=_pruning(trial, tracker, recipe, stores.workspace),
                                             plan=StagePlan(test=False))   # tuning never looks at the test split
         trial.set_user_attr("seconds", time.perf_counter() - started)
         if not result.ok:
@@ -52,16 +53,31 @@ def objective(study: Study, strategy: str, stores: Stores, parent_id: str,
             return math.nan   # optuna records FAILED and the sweep goes on
         if result.val_accuracy is None:
             raise HarnessError("recipe.data.val_fraction: a sweep needs a validation split (> 0)")
+        keep_if_best(trial, result.val_accuracy, result, recipe, stores.kept_models(study.name, strategy))
         return result.val_accuracy
 
     return objective
 
 
-def _pruning(trial: optuna.Trial, tracker: MlflowTracker) -> Callable[[int, float | None], None]:
-    """fine_tune's per-epoch report: the value to Optuna; a pruned trial ends its run KILLED."""
+def _pruning(trial: optuna.Trial, tracker: MlflowTracker, recipe=None,
+             workspace: str | Path | None = None) -> Callable[[int, float | None], None]:
+    """fine_tune's per-epoch report: the value to Optuna; a pruned trial ends its run KILLED.
+    With `recipe`, the trial first records what the layout pruner reads (harness/sweep/
+    pruning.py): its stage layout now, the number of val images at its first report."""
+    from harness.sweep.pruning import LAYOUT_ATTR, N_ATTR, recipe_layout
+    counted = recipe is None
+    if recipe is not None:
+        trial.set_user_attr(LAYOUT_ATTR, [list(s) for s in recipe_layout(recipe)])
+
     def report(epoch: int, val_accuracy: float | None) -> None:
+        nonlocal counted
         if val_accuracy is None:
             return
+        if not counted:   # the data is in memory by now: fine_tune has loaded it
+            from harness.engine.data import load_dataset
+            val = load_dataset(recipe.data, Path(workspace or "workspace"), recipe.seed).val
+            trial.set_user_attr(N_ATTR, len(val.y))
+            counted = True
         trial.report(val_accuracy, epoch)
         if trial.should_prune():
             tracker.end_as("KILLED", f"pruned at epoch {epoch}")

@@ -1,0 +1,361 @@
+"""`harness compare`: each strategy's best recipe over seeds, scored on the held-out test
+split and under shift; every pair of strategies tested (harness/stats.py); `--seeds auto`
+adds seeds until the leading pair is separated; the winner logged as an MLflow model.
+
+Seed k of compare is the trial's own seed + k. Seed 0 is the very run the sweep made, so
+its kept model (harness/sweep/keep.py) is scored instead of trained again; the others
+train the recipe from scratch with their seed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+
+from harness import stats
+from harness.engine import data as data_mod
+from harness.engine.recipe import Recipe
+from harness.engine.shift import Corruption, accuracy, corrupted_batches, corruptions
+from harness.errors import HarnessError
+from harness.results import trial_recipe
+from harness.stores import Stores
+from harness.sweep.keep import load_kept
+from harness.sweep.ostudies import best_trial, count_trials, load_ostudy
+from harness.sweep.study import Study
+
+
+@dataclass(frozen=True)
+class ComparePlan:
+    """What compare will do, checked before anything is written: its seeds, its shifts."""
+    first: int                              # seeds run before the first look
+    most: int                               # --seeds auto: at most this many
+    auto: bool
+    corruptions: tuple[Corruption, ...] = ()
+    shift_folder: data_mod.Split | None = None
+
+    @property
+    def looks(self) -> int:
+        """The looks --seeds auto may take (one per seed from `first` to `most`)."""
+        return self.most - self.first + 1 if self.auto else 1
+
+    @property
+    def shift_labels(self) -> list[str]:
+        return ([c.label for c in self.corruptions]) + (["shift_folder"] if self.shift_folder is not None else [])
+
+
+def plan_compare(study: Study, seeds: int | str | None = None) -> ComparePlan:
+    """--seeds (a number, `auto`, or the study's compare.seeds) and the study's shifts; a bad
+    one is one line naming the field, before anything is written."""
+    cfg = study.config.compare
+    if seeds == "auto":
+        if cfg.max_seeds is None:
+            raise HarnessError(f"{study.source}: compare.max_seeds: --seeds auto needs a maximum; "
+                               f"set compare.max_seeds in the study file")
+        if cfg.seeds < 2:
+            raise HarnessError(f"{study.source}: compare.seeds: --seeds auto starts from at least 2 seeds "
+                               f"(a paired test needs 2), got {cfg.seeds}")
+        first, most, auto = cfg.seeds, cfg.max_seeds, True
+    else:
+        first = most = int(seeds or cfg.seeds)
+        auto = False
+    folder = None
+    root = cfg.shift_folder(Path(study.source))
+    if root is not None:
+        base = study.recipe_for(study.strategies[0], {}).data
+        folder = data_mod.load_folder(root, data_mod.class_names(base), base.image_size,
+                                      f"{study.source}: compare.shift_root")
+    return ComparePlan(first, most, auto, tuple(corruptions(cfg.corruptions)), folder)
+
+
+# --- results ----------------------------------------------------------------------------
+
+@dataclass
+class StrategyResult:
+    strategy: str
+    trials: int
+    best_val: float
+    mean_trial_s: float
+    test: list[float] = field(default_factory=list)     # one per seed, seeds 0..K-1
+    lr_result: Any = None                               # the seed-0 Result, for its LR curves
+    recipe: Recipe | None = None                        # the best trial's recipe (its stages say which groups train)
+    shift: dict[str, list[float]] = field(default_factory=dict)   # shift label -> accuracy per seed
+    model: Any = None                                   # the seed-0 model, on the CPU
+    kept: bool = False                                  # seed 0 scored the sweep's own model
+
+    @property
+    def mean(self) -> float:
+        return sum(self.test) / len(self.test)
+
+    @property
+    def std(self) -> float:
+        if len(self.test) < 2:
+            return 0.0
+        m = self.mean
+        return math.sqrt(sum((x - m) ** 2 for x in self.test) / (len(self.test) - 1))
+
+    def ci95(self) -> tuple[float, float]:
+        from scipy import stats as sstats
+        if len(self.test) < 2 or self.std == 0:
+            return self.mean, self.mean
+        half = sstats.t.ppf(0.975, len(self.test) - 1) * self.std / math.sqrt(len(self.test))
+        return self.mean - half, self.mean + half
+
+    def shift_mean(self, label: str) -> float:
+        values = self.shift[label]
+        return sum(values) / len(values)
+
+
+@dataclass
+class Comparison:
+    rows: list[StrategyResult]                  # best mean test accuracy first
+    pairs: list[stats.PairTest] = field(default_factory=list)
+    looks: int = 1                              # the looks --seeds auto's plan allowed
+
+    @classmethod
+    def of(cls, rows: list[StrategyResult], looks: int = 1) -> "Comparison":
+        rows = sorted(rows, key=lambda r: r.mean, reverse=True)
+        return cls(rows, stats.all_pairs({r.strategy: r.test for r in rows}, looks), looks)
+
+    @property
+    def winner(self) -> str:
+        return self.rows[0].strategy
+
+    @property
+    def runner_up(self) -> str | None:
+        return self.rows[1].strategy if len(self.rows) > 1 else None
+
+    @property
+    def leading(self) -> stats.PairTest | None:
+        """The test of the winner against the runner-up."""
+        return self.pairs[0] if self.pairs else None
+
+    @property
+    def p_value(self) -> float | None:
+        return self.leading.p_adjusted if self.leading else None
+
+    @property
+    def significant(self) -> bool:
+        return self.leading is not None and self.leading.separated
+
+    @property
+    def seeds(self) -> int:
+        return len(self.rows[0].test)
+
+    def method(self) -> str:
+        parts = ["paired t-test over {} seeds".format(self.seeds)]
+        if len(self.pairs) > 1:
+            parts.append(f"Holm-corrected over {len(self.pairs)} pairs")
+        if self.looks > 1:
+            parts.append(f"Bonferroni over {self.looks} looks")
+        return ", ".join(parts)
+
+    def seeds_needed(self) -> int | None:
+        """Seeds that would separate the leading pair at the observed paired spread."""
+        if self.leading is None:
+            return None
+        a, b = self.rows[0].test, self.rows[1].test
+        return stats.seeds_to_separate([x - y for x, y in zip(a, b)], stats.ALPHA / (len(self.pairs) * self.looks))
+
+    def verdict(self) -> str:
+        if self.runner_up is None:
+            return f"{self.winner} is the only strategy with a completed trial."
+        if self.p_value is None:
+            return f"{self.winner} leads {self.runner_up}; more than one seed is needed to test the lead."
+        word = "significant" if self.significant else "not significant"
+        text = (f"{self.winner} wins; its lead over {self.runner_up} is {word} "
+                f"({self.method()}, p = {self.p_value:.3g})")
+        if self.significant:
+            return text + "."
+        need = self.seeds_needed()
+        if need is None:
+            return text + "; they tie seed for seed, no number of seeds would separate them."
+        more = (f"more than {stats.MAX_SEEDS_ESTIMATE}" if need > stats.MAX_SEEDS_ESTIMATE else f"about {need}")
+        return text + f"; {more} seeds would separate them at the observed paired spread."
+
+
+# --- running it ------------------------------------------------------------------------
+
+@dataclass
+class _Entry:
+    row: StrategyResult
+    trial: optuna.trial.FrozenTrial
+    recipe: Recipe
+
+
+def _entries(study: Study, stores: Stores, echo: Callable[[str], None]) -> list[_Entry]:
+    out = []
+    for strategy in study.strategies:
+        ostudy = load_ostudy(study, strategy, stores.storage)
+        best = best_trial(ostudy) if ostudy else None
+        if best is None:
+            echo(f"[{strategy}] no completed trial; left out of the comparison")
+            continue
+        times = [t.user_attrs["seconds"] for t in ostudy.get_trials(deepcopy=False) if "seconds" in t.user_attrs]
+        recipe = trial_recipe(best)
+        row = StrategyResult(strategy, count_trials(ostudy).done, best.value, sum(times) / max(len(times), 1),
+                             recipe=recipe)
+        out.append(_Entry(row, best, recipe))
+    if not out:
+        raise HarnessError(f"{study.source}: no strategy has a completed trial; run `harness sweep` first")
+    return out
+
+
+class _Scorer:
+    """Scores one (strategy, seed): the kept model for the trial's own seed, else a fresh run."""
+
+    def __init__(self, study: Study, stores: Stores, plan: ComparePlan, echo: Callable[[str], None]):
+        self.study, self.stores, self.plan, self.echo = study, stores, plan, echo
+        self._test: dict[tuple, data_mod.Split] = {}
+
+    def score(self, entry: _Entry, k: int) -> None:
+        from harness.engine.train import evaluate, fine_tune, resolve_device
+        row, seed = entry.row, entry.recipe.seed + k
+        recipe = entry.recipe.replace(seed=seed)
+        device = resolve_device(recipe.device)
+        kept = load_kept(self.stores.kept_models(self.study.name, row.strategy), entry.trial.number, recipe) \
+            if k == 0 else None
+        if kept is not None:
+            model, result = kept.model.to(device), kept.result
+            result.test_accuracy = evaluate(model, self.test_split(recipe, device), 2 * recipe.data.batch_size,
+                                            device)[1]
+        else:
+            result = fine_tune(recipe, workspace=self.stores.workspace)
+            model = result.model
+            if not result.ok:
+                self.echo(f"[{row.strategy}] seed {k}: {result.status}; scored as 0")
+        row.test.append(result.test_accuracy or 0.0)
+        shifted = self.shifted(model, recipe, device) if result.ok else {}
+        for label in self.plan.shift_labels:
+            row.shift.setdefault(label, []).append(shifted.get(label) or 0.0)
+        if k == 0:
+            row.kept, row.model = kept is not None, model.cpu() if result.ok else None
+            result.model = None
+            row.lr_result = result
+        where = " (the sweep's own model)" if kept is not None else ""
+        extra = "".join(f", {label} {row.shift[label][-1]:.4f}" for label in self.plan.shift_labels)
+        self.echo(f"[{row.strategy}] seed {k}: test accuracy {row.test[-1]:.4f}{extra}{where}")
+
+    def test_split(self, recipe: Recipe, device) -> data_mod.Split:
+        key = (recipe.data.model_dump_json(), str(device))
+        if key not in self._test:
+            ds = data_mod.load_dataset(recipe.data, self.stores.workspace, recipe.seed)
+            self._test[key] = data_mod.to_device(ds.test, device)
+        return self._test[key]
+
+    def shifted(self, model, recipe: Recipe, device) -> dict[str, float | None]:
+        stats_ = getattr(model, "input_stats", None)
+        out: dict[str, float | None] = {}
+        if self.plan.corruptions:
+            test = self.test_split(recipe, device)
+            for c in self.plan.corruptions:
+                out[c.label] = accuracy(model, corrupted_batches(test, c, stats_, 2 * recipe.data.batch_size), device)
+        if self.plan.shift_folder is not None:
+            folder = data_mod.to_device(self.plan.shift_folder, device)
+            out["shift_folder"] = accuracy(model, data_mod.eval_batches(folder, 2 * recipe.data.batch_size, stats_),
+                                           device)
+        return out
+
+
+def compare(study: Study, stores: Stores, plan: ComparePlan | None = None,
+            echo: Callable[[str], None] = print) -> Comparison:
+    """Score each strategy's best recipe over the plan's seeds; with --seeds auto, add a seed
+    to every strategy until the leading pair is separated or the plan's maximum is reached."""
+    plan = plan or plan_compare(study)
+    entries = _entries(study, stores, echo)
+    scorer = _Scorer(study, stores, plan, echo)
+    for k in range(plan.first):
+        for e in entries:
+            scorer.score(e, k)
+    cmp = Comparison.of([e.row for e in entries], plan.looks)
+    while plan.auto and len(entries) > 1 and not cmp.significant and cmp.seeds < plan.most:
+        echo(f"--seeds auto: {cmp.winner} vs {cmp.runner_up} not separated after {cmp.seeds} seeds "
+             f"(p = {cmp.p_value:.3g}); adding seed {cmp.seeds}")
+        for e in entries:
+            scorer.score(e, cmp.seeds)
+        cmp = Comparison.of([e.row for e in entries], plan.looks)
+    return cmp
+
+
+# --- tables, picture, MLflow ---------------------------------------------------------------
+
+def comparison_table(cmp: Comparison) -> "Any":
+    import pandas as pd
+    records = []
+    for r in cmp.rows:
+        lo, hi = r.ci95()
+        rec = {"strategy": r.strategy, "trials": r.trials, "best_val_accuracy": round(r.best_val, 4),
+               "test_accuracy_mean": round(r.mean, 4), "test_accuracy_std": round(r.std, 4),
+               "test_ci95_low": round(lo, 4), "test_ci95_high": round(hi, 4),
+               "seeds": len(r.test), "mean_trial_seconds": round(r.mean_trial_s, 1)}
+        rec.update({f"{label}_mean": round(r.shift_mean(label), 4) for label in r.shift})
+        records.append(rec)
+    return pd.DataFrame.from_records(records)
+
+
+def pairs_table(cmp: Comparison) -> "Any":
+    import pandas as pd
+    fmt = lambda v: None if v is None else round(v, 4)  # noqa: E731
+    return pd.DataFrame.from_records([
+        {"a": t.a, "b": t.b, "seeds": t.n, "mean_diff": fmt(t.mean_diff), "diff_ci95_low": fmt(t.ci95[0]),
+         "diff_ci95_high": fmt(t.ci95[1]), "p": None if t.p is None else float(f"{t.p:.4g}"),
+         "p_adjusted": None if t.p_adjusted is None else float(f"{t.p_adjusted:.4g}"), "separated": t.separated}
+        for t in cmp.pairs], columns=["a", "b", "seeds", "mean_diff", "diff_ci95_low", "diff_ci95_high",
+                                      "p", "p_adjusted", "separated"])
+
+
+def markdown_table(df) -> str:
+    """A GitHub-style table without the optional `tabulate` dependency."""
+    head = "| " + " | ".join(df.columns) + " |"
+    sep = "|" + "|".join("---" for _ in df.columns) + "|"
+    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, sep, *body])
+
+
+def report_text(study: Study, cmp: Comparison) -> str:
+    """compare.md: the strategies, every pair, the verdict."""
+    text = (f"# Study {study.name}: strategies on the held-out test split\n\n"
+            f"{markdown_table(comparison_table(cmp))}\n\n")
+    if cmp.pairs:
+        text += (f"## Every pair ({cmp.method()}; a 95 % interval per pair)\n\n"
+                 f"{markdown_table(pairs_table(cmp))}\n\n")
+    return text + cmp.verdict() + "\n"
+
+
+def save_comparison(study: Study, cmp: Comparison, stores: Stores) -> Path:
+    """Write compare.csv / compare_pairs.csv / compare.md / compare.png under
+    WORKSPACE/reports/<study>/ and log them, with one metric per strategy and seed (and per
+    shift), to a `compare` run in the study's experiment; the winner's seed-0 model is
+    logged there as an MLflow PyTorch model."""
+    import matplotlib.pyplot as plt
+
+    from harness.report import compare_figure
+    from harness.tracking import Tracking
+
+    out = stores.reports(study.name)
+    out.mkdir(parents=True, exist_ok=True)
+    comparison_table(cmp).to_csv(out / "compare.csv", index=False)
+    pairs_table(cmp).to_csv(out / "compare_pairs.csv", index=False)
+    (out / "compare.md").write_text(report_text(study, cmp))
+    fig = compare_figure(cmp)
+    fig.savefig(out / "compare.png", dpi=110)
+    tracking = Tracking(stores.tracking_uri, stores.workspace)
+    with tracking.run(study.name, "compare", tags={"harness.kind": "compare", "winner": cmp.winner}) as run:
+        for r in cmp.rows:
+            run.log_steps(0, {f"test_accuracy/{r.strategy}": r.test,
+                              **{f"shift_accuracy/{label}/{r.strategy}": v for label, v in r.shift.items()}})
+            run.log_epoch(0, {f"test_accuracy_mean/{r.strategy}": r.mean,
+                              **{f"shift_accuracy_mean/{label}/{r.strategy}": r.shift_mean(label) for label in r.shift}})
+        if cmp.p_value is not None:
+            run.log_epoch(0, {"p_value": cmp.p_value})
+        run.set_tags({"verdict": cmp.verdict(), "method": cmp.method()})
+        for name in ("compare.csv", "compare_pairs.csv", "compare.md"):
+            run.log_file(out / name)
+        run.log_figure(fig, "compare.png")
+        winner = cmp.rows[0]
+        if winner.model is not None:
+            run.log_model(winner.model, "model")
+    plt.close(fig)
+    return out

@@ -18,7 +18,7 @@ import optuna
 from harness import stats
 from harness.engine import data as data_mod
 from harness.engine.recipe import Recipe
-from harness.engine.shift import Corruption, accuracy, corrupted_batches, corruptions
+from harness.engine.shift import Corruption, accuracy, corrupted_batches, corruptions, per_class
 from harness.errors import HarnessError
 from harness.results import trial_recipe
 from harness.stores import Stores
@@ -35,6 +35,7 @@ class ComparePlan:
     auto: bool
     corruptions: tuple[Corruption, ...] = ()
     shift_folder: data_mod.Split | None = None
+    shift_per_class: int | None = None      # corrupt only the first N test images per class
 
     @property
     def looks(self) -> int:
@@ -67,7 +68,7 @@ def plan_compare(study: Study, seeds: int | str | None = None) -> ComparePlan:
         base = study.recipe_for(study.strategies[0], {}).data
         folder = data_mod.load_folder(root, data_mod.class_names(base), base.image_size,
                                       f"{study.source}: compare.shift_root")
-    return ComparePlan(first, most, auto, tuple(corruptions(cfg.corruptions)), folder)
+    return ComparePlan(first, most, auto, tuple(corruptions(cfg.corruptions)), folder, cfg.shift_per_class)
 
 
 # --- results ----------------------------------------------------------------------------
@@ -249,7 +250,7 @@ class _Scorer:
         stats_ = getattr(model, "input_stats", None)
         out: dict[str, float | None] = {}
         if self.plan.corruptions:
-            test = self.test_split(recipe, device)
+            test = per_class(self.test_split(recipe, device), self.plan.shift_per_class)
             for c in self.plan.corruptions:
                 out[c.label] = accuracy(model, corrupted_batches(test, c, stats_, 2 * recipe.data.batch_size), device)
         if self.plan.shift_folder is not None:

@@ -7,8 +7,10 @@ matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-FROZEN_STYLE = {"linestyle": ":", "color": "0.45", "linewidth": 1.0}   # a frozen group's LR
+FROZEN_STYLE = {"linestyle": ":", "color": "0.45", "linewidth": 1.2, "zorder": 3}   # a frozen group's LR, drawn over a training one it may coincide with
 FROZEN_LABEL = "frozen (LR not applied)"
+FROZEN_SPAN = "0.93"     # the band behind the steps where some group is frozen
+FROZEN_SPAN_LABEL = "steps with a frozen group"
 
 
 def stage_trainable(trainable, n_groups: int) -> list[int] | None:
@@ -65,6 +67,11 @@ def lr_panel(ax, result, trainable=None) -> bool:
                 ax.plot(steps[a:b], ys[a:b], **FROZEN_STYLE, label=f"_{name} (frozen)")
             else:
                 ax.plot(steps[a:b], ys[a:b], color=f"C{g}", linestyle="-", linewidth=1.5, label=name)
+    if mask is not None:   # a light band where part of the model is frozen: visible even
+        any_group = [any(col) for col in zip(*mask)]   # when a frozen LR coincides with the head's
+        for a, b, frozen in _runs(any_group):
+            if frozen:
+                ax.axvspan(a - 0.5, b - 0.5, color=FROZEN_SPAN, zorder=0, linewidth=0)
     for s in result.stage_starts[1:]:
         ax.axvline(s, color="black", linestyle="--", linewidth=0.8)
     ax.set_yscale("log")
@@ -88,6 +95,8 @@ def lr_legend(ax, group_names, frozen: bool, frozen_throughout=(), **kwargs) -> 
     if frozen:
         label = FROZEN_LABEL + (f"\n{', '.join(frozen_throughout)}: throughout" if frozen_throughout else "")
         handles.append(Line2D([], [], **FROZEN_STYLE, label=label))
+        from matplotlib.patches import Patch
+        handles.append(Patch(color=FROZEN_SPAN, label=FROZEN_SPAN_LABEL))
     ax.legend(handles=handles, title="layer group", **kwargs)
 
 

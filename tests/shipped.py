@@ -29,6 +29,7 @@ STUDIES = REPO / "studies"
 
 TRIALS = 2
 SEEDS = 2
+SHIFT_PER_CLASS = 20   # the corrupted test images per class (the clean test split stays whole)
 EPOCHS = 2
 PER_CLASS = 4
 IMAGE_SIZE = 32
@@ -122,6 +123,7 @@ def _shrink_compare(compare: dict) -> dict:
     if out.get("corruptions"):
         name, severities = next(iter(out["corruptions"].items()))
         out["corruptions"] = {name: severities[:1]}
+        out["shift_per_class"] = SHIFT_PER_CLASS
     return out
 
 
@@ -135,7 +137,7 @@ def shrink(study_path: str | os.PathLike, dest_dir: str | os.PathLike, **changes
     - The recipe is inlined: a `recipe:` path is read relative to the study file (its stages
       dropped). `recipe.device` becomes cpu.
     - `trials` 2, `compare.seeds` 2 (`max_seeds` at most 3); `compare.corruptions` keeps only
-      its first corruption at its first severity; `pruner`, `sampler`, `metric`, `name` are kept.
+      its first corruption at its first severity, on `shift_per_class` 20 test images per class; `pruner`, `sampler`, `metric`, `name` are kept.
     - `budget.epochs` 2; with the `gradual` strategy, max(2, recipe.model.groups (the schema's
       default when unset, 3)), since gradual spends one stage (at least one epoch) per layer group.
     - Epoch-split hyperparameters (a strategy's `rules.epoch_splits` in

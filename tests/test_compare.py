@@ -19,7 +19,7 @@ from scipy import stats as sstats
 from harness import stats
 from harness.cli import main
 from harness.compare import Comparison, StrategyResult
-from harness.engine.shift import CORRUPTIONS, SEVERITIES, Corruption, corrupted_batches
+from harness.engine.shift import CORRUPTIONS, SEVERITIES, Corruption, corrupted_batches, per_class
 from harness.engine.data import Split
 from shipped import REPO
 from test_sweep import THREADS, client_for, invoke
@@ -139,6 +139,14 @@ def test_corrupted_batches_are_the_same_for_every_batch_size_and_call():
     assert one.shape == (300, 3, 32, 32) and torch.equal(one, two)
     clean = torch.cat([x for x, _ in corrupted_batches(split, Corruption("contrast", 1), None)])
     assert not torch.equal(one, clean)
+
+
+def test_per_class_keeps_the_first_n_of_every_class_in_order():
+    y = torch.tensor([0, 1, 0, 2, 1, 0, 2, 2])
+    split = Split(torch.arange(8, dtype=torch.uint8).view(8, 1, 1, 1).expand(8, 1, 2, 2).clone(), y, 2)
+    sub = per_class(split, 2)
+    assert sub.y.tolist() == [0, 1, 0, 2, 1, 2] and sub.x[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4, 6]
+    assert per_class(split, None) is split and per_class(split, 5).y.tolist() == y.tolist()
 
 
 def test_severity_tables_are_imagenet_c():

@@ -12,7 +12,7 @@ from matplotlib.colors import to_rgba  # noqa: E402
 
 from conftest import tiny_recipe_dict  # noqa: E402
 from harness.engine.recipe import Recipe  # noqa: E402
-from harness.report import (FROZEN_LABEL, FROZEN_STYLE, frozen_mask, lr_figure, lr_panel,  # noqa: E402
+from harness.report import (FROZEN_LABEL, FROZEN_SPAN_LABEL, FROZEN_STYLE, frozen_mask, lr_figure, lr_panel,  # noqa: E402
                             lr_panels)
 
 GROUPS = ["early", "late", "head"]
@@ -72,6 +72,9 @@ def test_lr_panel_draws_frozen_steps_dotted_grey_and_training_steps_solid(two_ph
         # no training segment is grey and no frozen one is coloured
         for label, style, colour, _ in segs:
             assert (style == ":") == (colour == GREY) == label.endswith("(frozen)"), label
+        # and a light band behind the frozen steps (seen even where a frozen LR hides under the head's)
+        bands = [(p.get_x(), p.get_x() + p.get_width()) for p in ax.patches]
+        assert bands == [(-0.5, 5.5)]
     finally:
         plt.close(fig)
 
@@ -82,9 +85,9 @@ def test_lr_figure_legend_names_the_frozen_style(two_phase, tmp_path):
         ax = fig.axes[0]
         legend = ax.get_legend()
         texts = [t.get_text() for t in legend.get_texts()]
-        assert texts == GROUPS + [FROZEN_LABEL]
+        assert texts == GROUPS + [FROZEN_LABEL, FROZEN_SPAN_LABEL]
         handles = legend.legend_handles
-        assert handles[-1].get_linestyle() == ":" and to_rgba(handles[-1].get_color()) == GREY
+        assert handles[-2].get_linestyle() == ":" and to_rgba(handles[-2].get_color()) == GREY
         assert all(h.get_linestyle() == "-" for h in handles[:3])
         fig.savefig(tmp_path / "lr.png")
         assert (tmp_path / "lr.png").stat().st_size > 0
@@ -119,7 +122,7 @@ def test_lr_panels_a_body_frozen_throughout_and_one_legend():
         assert all(s[1] == "-" for s in segments(first))
         body = [s for s in segments(second) if s[0] != "head"]
         assert [(s[0], s[1], s[2]) for s in body] == [("_early (frozen)", ":", GREY), ("_late (frozen)", ":", GREY)]
-        assert [t.get_text() for t in first.get_legend().get_texts()] == GROUPS + [FROZEN_LABEL]
+        assert [t.get_text() for t in first.get_legend().get_texts()] == GROUPS + [FROZEN_LABEL, FROZEN_SPAN_LABEL]
         assert second.get_legend() is None
     finally:
         plt.close(fig)
@@ -133,6 +136,6 @@ def test_lr_figure_of_a_body_frozen_throughout_names_it_once():
         segs = segments(fig.axes[0])
         assert [(s[0], s[1]) for s in segs] == [("_early (frozen)", ":"), ("_late (frozen)", ":"), ("head", "-")]
         texts = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-        assert texts == ["head", f"{FROZEN_LABEL}\nearly, late: throughout"]   # no colour for a group never drawn in it
+        assert texts == ["head", f"{FROZEN_LABEL}\nearly, late: throughout", FROZEN_SPAN_LABEL]   # no colour for a group never drawn in it
     finally:
         plt.close(fig)

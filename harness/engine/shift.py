@@ -65,6 +65,16 @@ class Corruption:
         return f.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
 
 
+def per_class(split: data_mod.Split, n: int | None) -> data_mod.Split:
+    """The first `n` images of every class, in their order (all of them when n is None)."""
+    if n is None:
+        return split
+    keep = torch.zeros(len(split.y), dtype=torch.bool, device=split.y.device)
+    for c in split.y.unique():
+        keep[(split.y == c).nonzero().flatten()[:n]] = True
+    return data_mod.Split(split.x[keep], split.y[keep], split.size)
+
+
 def corruptions(spec: dict[str, list[int]]) -> list[Corruption]:
     """The study's `compare.corruptions` ({name: [severity, ...]}), in the study's order."""
     return [Corruption(name, s) for name, severities in spec.items() for s in severities]

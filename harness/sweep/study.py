@@ -32,6 +32,7 @@ class CompareConfig(_Strict):
     max_seeds: Annotated[StrictInt, Field(ge=2)] | None = None   # --seeds auto adds seeds up to this many
     shift_root: str | None = None                           # a second test folder: one subfolder per class
     corruptions: dict[str, list[StrictInt]] = {}           # ImageNet-C style: name -> severities (1..5)
+    shift_per_class: Annotated[StrictInt, Field(ge=1)] | None = None   # corrupt only the first N test images per class
 
     def check(self) -> None:
         """One ValueError line, named from `compare.` on, for a value the schema cannot say."""

@@ -9,6 +9,7 @@ Metric batches go through one background thread so the training loop never waits
 from __future__ import annotations
 
 import errno
+import os
 import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -114,21 +115,29 @@ class MlflowTracker:
         import mlflow
         import mlflow.pytorch
         import torch
-        mlflow.set_tracking_uri(self.client.tracking_uri)
-        # the model's own record (a LoggedModel) goes to the active experiment: the run's, not Default
-        mlflow.set_experiment(experiment_id=self.client.get_run(self.run_id).info.experiment_id)
+        # mlflow's fluent API (log_model's) also writes MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_ID
+        # into the environment, where Stores and child workers would read them: put them back
+        saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
         log = logging.getLogger("mlflow.pytorch")   # its pickle warning: the docstring says it
         level = log.level
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             log.setLevel(logging.ERROR)
             try:
+                mlflow.set_tracking_uri(self.client.tracking_uri)
+                # the model's own record (a LoggedModel) goes to the active experiment: the run's
+                mlflow.set_experiment(experiment_id=self.client.get_run(self.run_id).info.experiment_id)
                 info = mlflow.pytorch.log_model(model.eval(), name=name, run_id=self.run_id,
                                                 serialization_format="pickle",
                                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                                                                   "finetune-harness"])
             finally:
                 log.setLevel(level)
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
         self.set_tags({f"{name}_uri": info.model_uri})
         return info.model_uri
 

@@ -5,6 +5,7 @@ under ImageNet-C style corruptions and on a shift folder; the winner an MLflow m
 from __future__ import annotations
 
 import math
+import os
 import random
 import shutil
 
@@ -217,6 +218,7 @@ def _shift_folder(study_path, dest):
 
 @pytest.mark.slow
 def test_compare_scores_the_kept_model_under_shift_and_logs_the_winner(shrunk, tmp_path):
+    import mlflow
     import mlflow.pytorch
 
     path = shrunk("imagefolder-example", trials=3, strategies={"naive": {"lr": {"low": 1e-3, "high": 1e-2}},
@@ -268,6 +270,9 @@ def test_compare_scores_the_kept_model_under_shift_and_logs_the_winner(shrunk, t
     assert ("is significant" in verdict) or added
 
     winner = runs[0].data.tags["winner"]
+    # compare left no store setting behind for later commands of the process to pick up
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_EXPERIMENT_ID" not in os.environ
+    mlflow.set_tracking_uri(f"sqlite:///{ws.resolve()}/mlflow.db")
     model = mlflow.pytorch.load_model(runs[0].data.tags["model_uri"])
     x = torch.randn(2, 3, 32, 32)
     model.eval()

@@ -6,8 +6,6 @@ import functools
 
 import gzip
 import hashlib
-import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from harness.engine.files import torch_save_atomic
 from harness.errors import HarnessError
 
 CLASS_NAMES_FASHION = [
@@ -280,16 +279,7 @@ def _read_cache(path: Path) -> dict[str, Any] | None:
 def _write_cache(path: Path, prepared: dict[str, Any]) -> None:
     """Save atomically: write a temp file in the same folder, then rename over the target."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-        os.close(fd)
-        try:
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is as readable as the data
-            torch.save(prepared, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        torch_save_atomic(prepared, path, mode=0o644)  # a cache is as readable as the data
     except OSError as exc:  # the data is already in memory; a missing cache only costs time
         warnings.warn(f"could not write dataset cache {path}: {exc}", stacklevel=2)
 

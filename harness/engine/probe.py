@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from harness.engine import data as data_mod
+from harness.engine.files import torch_save_atomic
 from harness.engine.recipe import Recipe, Stage
 from harness.engine.step import Hyper, autocast, model_format, train_step
 from harness.errors import HarnessError
@@ -169,15 +169,7 @@ def read_features(path: Path, key: str, n: int, device: torch.device) -> torch.T
 def write_features(path: Path, key: str, f: torch.Tensor) -> None:
     """Save atomically (a temp file in the same folder, then a rename); a failure only warns."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save({"format": FORMAT, "key": key, "features": f.detach().cpu()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        torch_save_atomic({"format": FORMAT, "key": key, "features": f.detach().cpu()}, path)
     except OSError as exc:
         warnings.warn(f"could not write feature cache {path}: {exc}", stacklevel=2)
 

@@ -9,8 +9,6 @@ is still running (another worker's trial may yet be the best).
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 from optuna.trial import TrialState
 
 from harness.engine.data import InputStats
+from harness.engine.files import torch_save_atomic
 from harness.engine.models import build_model
 from harness.engine.recipe import Recipe
 from harness.engine.train import Result
@@ -44,26 +43,14 @@ def keep_if_best(trial: optuna.Trial, value: float, result: Result, recipe: Reci
     if any(not _better(value, t.value, direction) for t in done):
         return None
     path = path_for(folder, trial.number)
-    _save(path, {"format": FORMAT, "trial": trial.number, "value": value, "recipe": recipe.to_yaml(),
-                 "model": {k: v.detach().cpu().clone() for k, v in result.model.state_dict().items()},
-                 "class_names": list(result.class_names), "group_names": list(result.group_names),
-                 "input_stats": {"mean": list(result.input_stats.mean), "std": list(result.input_stats.std)},
-                 "history": result.history()})
+    torch_save_atomic({"format": FORMAT, "trial": trial.number, "value": value, "recipe": recipe.to_yaml(),
+                       "model": {k: v.detach().cpu().clone() for k, v in result.model.state_dict().items()},
+                       "class_names": list(result.class_names), "group_names": list(result.group_names),
+                       "input_stats": {"mean": list(result.input_stats.mean), "std": list(result.input_stats.std)},
+                       "history": result.history()}, path)
     for t in done:   # every completed trial is beaten: its file, if any, is no longer the best
         path_for(folder, t.number).unlink(missing_ok=True)
     return path
-
-
-def _save(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @dataclass

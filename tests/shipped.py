@@ -40,6 +40,11 @@ DEFAULT_IMAGE_SIZE = DataConfig().image_size
 DEFAULT_VAL_FRACTION = DataConfig().val_fraction
 # archs whose `weights: imagenet` load offline (from a package dependency, not a hub)
 OFFLINE_IMAGENET = {"timm/tf_efficientnet_lite0"}
+# a timm arch whose weights would come from a hub is swapped for timm's tiny test model of its
+# family (random weights either way here; timm/convnext_tiny at 32 px costs 10x test_convnext)
+TINY_TIMM = {"convnext": "timm/test_convnext", "vit": "timm/test_vit", "efficientnet": "timm/test_efficientnet",
+             "nfnet": "timm/test_nfnet", "maxvit": "timm/test_maxvit", "coatnet": "timm/test_coatnet"}
+TINY_TIMM_DEFAULT = "timm/test_resnet"
 # the tiny image folder made for a study whose data.root does not exist
 FOLDER_CLASSES = 3
 FOLDER_IMAGES = 8
@@ -154,6 +159,9 @@ def shrink(study_path: str | os.PathLike, dest_dir: str | os.PathLike, **changes
       kept (made absolute).
     - model.weights `imagenet` is kept only for timm/tf_efficientnet_lite0 (whose weights
       install offline with a package); any other `imagenet` becomes `none` (no hub here).
+      A timm arch whose `imagenet` became `none` is swapped for timm's tiny test model of
+      its family (`tiny_timm`: timm/convnext_tiny -> timm/test_convnext): the weights are random
+      either way, and the study's own arch is what makes the real one slow on a CPU.
       `none` is kept. A checkpoint path is matched by its file stem to a pretraining recipe
       (studies/recipes/<stem>.yaml beside the study, or <stem>.yaml beside it): that recipe is
       shrunk (`shrink_recipe`) into dest_dir/pretrain/, the weights point to
@@ -204,6 +212,8 @@ def shrink(study_path: str | os.PathLike, dest_dir: str | os.PathLike, **changes
     weights = model.get("weights", "none")
     if weights == "imagenet":
         model["weights"] = "imagenet" if model.get("arch") in OFFLINE_IMAGENET else "none"
+        if model["weights"] == "none" and str(model.get("arch", "")).startswith("timm/"):
+            model["arch"] = tiny_timm(model["arch"])
     elif weights != "none":
         source = _pretraining_recipe(Path(weights).stem, study_path)
         if source is not None:
@@ -228,6 +238,13 @@ def shrink(study_path: str | os.PathLike, dest_dir: str | os.PathLike, **changes
     out.write_text(f"# {study_path.name} shrunk by tests/shipped.py (trials {TRIALS}, tiny data, cpu)\n"
                    + yaml.safe_dump(shrunk, sort_keys=False))
     return Shrunk(out, tuple(steps))
+
+
+def tiny_timm(arch: str) -> str:
+    """timm's tiny test model of `arch`'s family (timm/convnext_tiny -> timm/test_convnext);
+    timm/test_resnet when timm has none for the family."""
+    name = arch.removeprefix("timm/").split(".", 1)[0]
+    return next((tiny for family, tiny in TINY_TIMM.items() if name.startswith(family)), TINY_TIMM_DEFAULT)
 
 
 def shrink_recipe(recipe_path: str | os.PathLike, dest_dir: str | os.PathLike) -> Path:
@@ -292,6 +309,52 @@ def harness(*args: Any, timeout: float = 1800, cwd: str | os.PathLike | None = N
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "harness", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=cwd)
+
+
+def harness_session(*commands: list, timeout: float = 1800,
+                    cwd: str | os.PathLike | None = None) -> list[subprocess.CompletedProcess]:
+    """Several harness commands, in order, in ONE subprocess (torch, mlflow and optuna imported
+    once, not once per command), each run as `harness ARGS` would be run from the command line
+    (click's main, its own exit code, stdout and stderr; an exception's traceback in its
+    stderr). Same environment as `harness()`. Stops after the first command that fails; returns
+    one CompletedProcess per command run. For tests that are not about the process boundary."""
+    import json
+    import tempfile
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "HARNESS_STORAGE")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        plan, results = Path(tmp) / "commands.json", Path(tmp) / "results.json"
+        plan.write_text(json.dumps([[str(a) for a in c] for c in commands]))
+        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                f"from shipped import _run_commands; _run_commands({str(plan)!r}, {str(results)!r})")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                              env=env, cwd=cwd)
+        if not results.is_file():
+            raise AssertionError(f"the command session died (exit {proc.returncode}):\n{proc.stdout[-3000:]}"
+                                 f"\n{proc.stderr[-5000:]}")
+        ran = json.loads(results.read_text())
+    return [subprocess.CompletedProcess(["harness", *args], code, out, err) for args, code, out, err in ran]
+
+
+def _run_commands(plan: str, results: str) -> None:
+    """harness_session's child: run each command of `plan` through click, write what each did."""
+    import json
+    import traceback
+
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    ran = []
+    for args in json.loads(Path(plan).read_text()):
+        res = CliRunner().invoke(main, args)
+        err = res.stderr
+        if res.exception is not None and not isinstance(res.exception, SystemExit):
+            err += "".join(traceback.format_exception(*res.exc_info))
+        ran.append([args, res.exit_code, res.stdout, err])
+        if res.exit_code != 0:
+            break
+    Path(results).write_text(json.dumps(ran))
 
 
 def run_pretraining(shrunk: Shrunk, workspace: str | os.PathLike) -> list[subprocess.CompletedProcess]:

@@ -16,8 +16,8 @@ import yaml
 from conftest import needs_fashion
 from harness.sweep.strategies import STRATEGIES
 from shipped import (BATCH, DEFAULT_GROUPS, DEFAULT_IMAGE_SIZE, DEFAULT_VAL_FRACTION, EPOCHS, IMAGE_SIZE,
-                     MIN_VAL_FRACTION, OFFLINE_IMAGENET, PER_CLASS, SEEDS, STUDIES, TRIALS, base_recipe, harness,
-                     read_yaml, run_pretraining, shipped_studies, shrink)
+                     MIN_VAL_FRACTION, OFFLINE_IMAGENET, PER_CLASS, SEEDS, STUDIES, TRIALS, base_recipe,
+                     harness_session, read_yaml, shipped_studies, shrink, tiny_timm)
 
 # End to end, every one is slow (over ~20 s) on the shared 2-core CPU, one torch thread
 # (measured at batch 8: imagefolder-example 40 s, pretrain-quickstart 78 s, quickstart 87 s,
@@ -90,8 +90,13 @@ def test_shrink_makes_a_tiny_valid_study(study, tmp_path, workspace):
         assert len(folders) >= 2 and all(len(list(f.glob("*.png"))) >= 8 for f in folders)
 
     weights = orig_recipe.get("model", {}).get("weights", "none")
+    arch = orig_recipe.get("model", {}).get("arch", "resnet18")
     if weights == "imagenet":
-        assert model["weights"] == ("imagenet" if model["arch"] in OFFLINE_IMAGENET else "none")
+        assert model["weights"] == ("imagenet" if arch in OFFLINE_IMAGENET else "none")
+        hub_timm = arch.startswith("timm/") and arch not in OFFLINE_IMAGENET
+        assert model["arch"] == (tiny_timm(arch) if hub_timm else arch)
+        if hub_timm:
+            assert model["arch"].startswith("timm/test_")
         assert shrunk.pretrain == ()
     elif weights == "none":
         assert model["weights"] == "none" and shrunk.pretrain == ()
@@ -155,43 +160,52 @@ def test_shipped_study_runs_end_to_end_shrunk(study, tmp_path):
     shrunk = shrink(study, tmp_path / "study")
     d = read_yaml(shrunk.path)
     strategies, epochs, name = list(d["strategies"]), d["budget"]["epochs"], d["name"]
-    ws = tmp_path / "workspace"
+    ws, export = tmp_path / "workspace", tmp_path / "best.yaml"
 
-    for step, proc in zip(shrunk.pretrain, run_pretraining(shrunk, ws)):
+    # one process for the whole sequence (imports paid once): the commands' own exit codes and
+    # output are what is checked, not the process boundary (tests/test_cli.py checks that)
+    pretrain = [["pretrain", step.recipe, "-o", step.checkpoint, "--workspace", ws] for step in shrunk.pretrain]
+    commands = {"sweep": ["sweep", shrunk.path, "--workspace", ws],
+                "status": ["status", shrunk.path, "--workspace", ws],
+                "export": ["export", shrunk.path, "-o", export, "--workspace", ws],
+                "train": ["train", export, "--workspace", ws],
+                "compare": ["compare", shrunk.path, "--seeds", SEEDS, "--workspace", ws]}
+    procs = harness_session(*pretrain, *commands.values())
+    whats = [f"pretrain {step.recipe.name}" for step in shrunk.pretrain] + list(commands)
+    for what, proc in zip(whats, procs):
+        ok(proc, what)
+    assert len(procs) == len(whats), [p.args for p in procs]
+    out = dict(zip(whats[len(pretrain):], (p.stdout for p in procs[len(pretrain):])))
+
+    for step, proc in zip(shrunk.pretrain, procs):
         assert re.search(rf"saved {re.escape(str(step.checkpoint))}: .*val accuracy [01]\.\d{{4}}", proc.stdout), \
             proc.stdout
         assert step.checkpoint.is_file()
 
-    out = ok(harness("sweep", shrunk.path, "--workspace", ws), "sweep")
-    assert f"study {name}: {TRIALS} trials per strategy, {epochs} epochs each" in out
+    assert f"study {name}: {TRIALS} trials per strategy, {epochs} epochs each" in out["sweep"]
 
-    out = ok(harness("status", shrunk.path, "--workspace", ws), "status")
-    counts = status_counts(out, strategies)
-    assert set(counts) == set(strategies), out
+    counts = status_counts(out["status"], strategies)
+    assert set(counts) == set(strategies), out["status"]
     for strategy, c in counts.items():
-        assert c["complete"] + c["pruned"] + c["failed"] == TRIALS, (strategy, out)
-        assert c["complete"] >= 1 and c["lost"] == c["running"] == 0, (strategy, out)
+        assert c["complete"] + c["pruned"] + c["failed"] == TRIALS, (strategy, out["status"])
+        assert c["complete"] >= 1 and c["lost"] == c["running"] == 0, (strategy, out["status"])
 
-    export = tmp_path / "best.yaml"
-    out = ok(harness("export", shrunk.path, "-o", export, "--workspace", ws), "export")
-    assert out.startswith(f"wrote {export}: ") and export.is_file()
+    assert out["export"].startswith(f"wrote {export}: ") and export.is_file()
     recipe = yaml.safe_load(export.read_text())
     assert "strategies" not in recipe and sum(s["epochs"] for s in recipe["stages"]) == epochs
     assert recipe["model"]["weights"] == d["recipe"]["model"]["weights"]
     assert recipe["data"]["train_per_class"] == PER_CLASS
 
-    out = ok(harness("train", export, "--workspace", ws), "train")
-    m = re.search(r"status: ok\s+test accuracy: ([01]\.\d{4})", out)
-    assert m and 0.0 <= float(m.group(1)) <= 1.0, out
+    m = re.search(r"status: ok\s+test accuracy: ([01]\.\d{4})", out["train"])
+    assert m and 0.0 <= float(m.group(1)) <= 1.0, out["train"]
 
-    out = ok(harness("compare", shrunk.path, "--seeds", SEEDS, "--workspace", ws), "compare")
     table = ws / "reports" / name / "compare.csv"
-    assert f"saved {table.parent}/compare.csv" in out and table.is_file()
+    assert f"saved {table.parent}/compare.csv" in out["compare"] and table.is_file()
     with open(table) as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["strategy"] for r in rows) == sorted(strategies)
     shifts = [f"{c}-{sev[0]}_mean" for c, sev in (d["compare"].get("corruptions") or {}).items()]
-    assert out.count("(the sweep's own model)") == len(strategies), out   # seed 0: the kept models
+    assert out["compare"].count("(the sweep's own model)") == len(strategies), out["compare"]   # seed 0: the kept models
     for r in rows:
         assert int(r["seeds"]) == SEEDS and 0.0 <= float(r["test_accuracy_mean"]) <= 1.0
         assert all(0.0 <= float(r[col]) <= 1.0 for col in shifts), (shifts, r)

@@ -32,8 +32,9 @@ SEEDS = 2
 SHIFT_PER_CLASS = 20   # the corrupted test images per class (the clean test split stays whole)
 EPOCHS = 2
 PER_CLASS = 4
+TEST_PER_CLASS = 20   # test images scored per class (Fashion-MNIST has 1,000: most of a shrunk study's time)
 IMAGE_SIZE = 32
-BATCH = 8          # eval batches are 2 x this over the whole test split (Fashion-MNIST: 1,000 per class)
+BATCH = 8          # eval batches are 2 x this
 MIN_VAL_FRACTION = 0.25
 DEFAULT_GROUPS = ModelConfig().groups                  # the recipe schema's defaults
 DEFAULT_IMAGE_SIZE = DataConfig().image_size
@@ -149,7 +150,7 @@ def shrink(study_path: str | os.PathLike, dest_dir: str | os.PathLike, **changes
       harness.sweep.strategies: two_phase's freeze_epochs, lp_ft's probe_epochs) must lie between 1 and
       epochs - 1. A range (or choices, or fixed value) that no longer fits becomes the fixed
       value 1 (a plain number is a fixed value); one that fits is kept.
-    - data: `train_per_class` 4, `image_size` 32 (the study's own when it is smaller),
+    - data: `train_per_class` 4, `test_per_class` 20 (the study's own when smaller), `image_size` 32 (the study's own when it is smaller),
       `batch_size` 8, `val_fraction` the study's but at least 0.25 (so each class has a val
       image at 4 per class), `classes` and everything else kept.
     - data.dataset imagefolder whose root does not exist (relative to the working directory
@@ -198,6 +199,7 @@ def shrink(study_path: str | os.PathLike, dest_dir: str | os.PathLike, **changes
     recipe["device"] = "cpu"
     data = dict(recipe.get("data") or {})
     data["train_per_class"] = PER_CLASS
+    data["test_per_class"] = min(TEST_PER_CLASS, data.get("test_per_class") or TEST_PER_CLASS)
     data["image_size"] = min(IMAGE_SIZE, int(data.get("image_size", DEFAULT_IMAGE_SIZE)))
     data["batch_size"] = BATCH
     data["val_fraction"] = max(MIN_VAL_FRACTION, float(data.get("val_fraction", DEFAULT_VAL_FRACTION)))

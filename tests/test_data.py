@@ -25,7 +25,7 @@ needs_fashion = pytest.mark.skipif(
 def make_cfg(**overrides) -> SimpleNamespace:
     """A data config with test-friendly defaults."""
     values = dict(
-        dataset="fashion-mnist", root=None, classes=None, train_per_class=None,
+        dataset="fashion-mnist", root=None, classes=None, train_per_class=None, test_per_class=None,
         val_fraction=0.1, image_size=28, batch_size=32, augment=False,
     )
     values.update(overrides)
@@ -97,6 +97,22 @@ def test_fashion_train_per_class_caps_train_and_scales_val(fashion_ws):
     no_val = data.load_dataset(make_cfg(classes=[0], train_per_class=50, val_fraction=0.0), fashion_ws, seed=0)
     assert len(no_val.train.y) == 50
     assert no_val.val.x.shape == (0, 1, 28, 28) and no_val.val.y.shape == (0,)
+
+
+@needs_fashion
+def test_test_per_class_caps_the_test_split_alike_for_every_seed(fashion_ws):
+    cfg = make_cfg(classes=[0, 9, 3], test_per_class=7)
+    a, b = (data.load_dataset(cfg, fashion_ws, seed=s) for s in (0, 5))
+    assert a.test.y.bincount().tolist() == [7, 7, 7]
+    assert torch.equal(a.test.x, b.test.x) and torch.equal(a.test.y, b.test.y)   # the same images
+    whole = data.load_dataset(make_cfg(classes=[0, 9, 3]), fashion_ws, seed=0)
+    assert whole.test.y.bincount().tolist() == [1000, 1000, 1000]
+    rows = {bytes(img.numpy()) for img in whole.test.x}
+    assert all(bytes(img.numpy()) in rows for img in a.test.x)   # a subset of the test split
+    assert torch.equal(a.train.x, whole.train.x) and torch.equal(a.val.x, whole.val.x)
+    # a cap above a class's count keeps all of it
+    assert data.load_dataset(make_cfg(classes=[0, 1], test_per_class=5000), fashion_ws, seed=0).test.y.bincount() \
+        .tolist() == [1000, 1000]
 
 
 @needs_fashion

@@ -16,15 +16,14 @@ import yaml
 from conftest import needs_fashion
 from harness.sweep.strategies import STRATEGIES
 from shipped import (BATCH, DEFAULT_GROUPS, DEFAULT_IMAGE_SIZE, DEFAULT_VAL_FRACTION, EPOCHS, IMAGE_SIZE,
-                     MIN_VAL_FRACTION, OFFLINE_IMAGENET, PER_CLASS, SEEDS, STUDIES, TRIALS, base_recipe,
+                     MIN_VAL_FRACTION, OFFLINE_IMAGENET, PER_CLASS, SEEDS, STUDIES, TEST_PER_CLASS, TRIALS, base_recipe,
                      harness_session, read_yaml, shipped_studies, shrink, tiny_timm)
 
-# End to end, every one is slow (over ~20 s) on the shared 2-core CPU, one torch thread
-# (measured at batch 8: imagefolder-example 40 s, pretrain-quickstart 78 s, quickstart 87 s,
-# fashion-transfer 102 s, imagenet-transfer 201 s, imagenet-transfer-gpu 494 s). Most of it is
-# scoring Fashion-MNIST's test split (1,000 images per class, at eval batch 2 x BATCH) in
-# `train` and in every compare run (2 seeds x strategies). So the end-to-end test is slow for
-# every study, a newly shipped one included.
+# End to end, every one is slow (over ~20 s) on the shared 2-core CPU, one torch thread. What
+# made them slow was work no assertion needs: scoring Fashion-MNIST's whole test split (1,000
+# images per class) in `train` and in every compare run, random-init ConvNeXt-Tiny, and one
+# process start per command; the shrink now scores 20 test images per class, swaps hub-weight
+# timm archs for timm's tiny test models, and the commands share one process.
 
 
 def _marks(study: Path) -> list:
@@ -80,6 +79,7 @@ def test_shrink_makes_a_tiny_valid_study(study, tmp_path, workspace):
     odata = orig_recipe.get("data", {})
     assert d["recipe"]["device"] == "cpu"
     assert data["train_per_class"] == PER_CLASS and data["batch_size"] == BATCH
+    assert data["test_per_class"] == min(TEST_PER_CLASS, odata.get("test_per_class") or TEST_PER_CLASS)
     assert data["image_size"] == min(IMAGE_SIZE, odata.get("image_size", DEFAULT_IMAGE_SIZE))
     assert data["val_fraction"] == max(MIN_VAL_FRACTION, odata.get("val_fraction", DEFAULT_VAL_FRACTION))
     assert data.get("classes") == odata.get("classes")

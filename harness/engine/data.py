@@ -82,6 +82,8 @@ def load_dataset(cfg: Any, workspace: Path, seed: int) -> Dataset:
     - an imagefolder with its own val/ keeps it as val (train is then only capped).
     - an imagefolder without test/ gets its test split carved off the train pool first, per
       class with the same fraction rule and a fixed seed (the same for every run seed).
+    - with test_per_class = k, test keeps min(k, n) images of each class, drawn with that fixed
+      seed too, so every run seed is scored on the same images.
     Fashion-MNIST's official train set feeds train + val; its t10k set is test. It is held
     at its native 28 px and every batch is resized on the device (`Split.size`): 60,000
     images at 224 px would be 9 GB of uint8.
@@ -100,6 +102,10 @@ def load_dataset(cfg: Any, workspace: Path, seed: int) -> Dataset:
         test_idx, rest_idx = _carve_test(pool_y, len(names), cfg.val_fraction)
         test = _subset(pool_x[test_idx], pool_y[test_idx], remap)
         pool_x, pool_y = pool_x[rest_idx], pool_y[rest_idx]
+
+    if cfg.test_per_class is not None:   # the same images for every run seed
+        keep, _ = _split_indices(test.y, list(range(len(chosen))), cfg.test_per_class, 0.0, _TEST_SPLIT_SEED)
+        test = Split(test.x[keep], test.y[keep])
 
     has_val = "val_x" in prepared
     train_idx, val_idx = _split_indices(

@@ -98,6 +98,7 @@ class DataConfig(_Strict):
     root: str | None = None
     classes: Annotated[list[Union[StrictInt, str]], Field(min_length=2)] | None = None
     train_per_class: Annotated[StrictInt, Field(ge=1)] | None = None
+    test_per_class: Annotated[StrictInt, Field(ge=1)] | None = None   # None: the whole test split
     val_fraction: Annotated[Num, Field(ge=0, lt=1)] = 0.2
     image_size: Annotated[StrictInt, Field(ge=8)] = 32
     batch_size: Annotated[StrictInt, Field(ge=2)] = 64

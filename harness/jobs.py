@@ -15,7 +15,8 @@ from harness.engine.lr_find import LRFindResult, RangeTest, chosen_stages, range
 from harness.engine.models import read_checkpoint, save_checkpoint
 from harness.engine.recipe import Recipe, config_hash, flatten
 from harness.engine.stages import StagePlan, saver, stage_path
-from harness.engine.train import Result, check_inputs, fine_tune, resolve_device
+from harness.engine.run_types import Result
+from harness.engine.train import check_inputs, fine_tune, resolve_device
 from harness.errors import HarnessError
 from harness.stores import Stores
 from harness.tracking import MlflowTracker, Tracking

@@ -444,7 +444,7 @@ def test_a_trial_at_lr_1e3_is_recorded_as_diverged(tmp_path, tmp_path_factory, w
 def fake_fine_tune(values_per_trial: list[float], calls: list):
     """A stand-in for tracked_fine_tune: reports `values_per_trial[n]` after each of the
     recipe's epochs for the n-th call, as the real one does, and logs val/accuracy."""
-    from harness.engine.train import EpochStats, Result
+    from harness.engine.run_types import EpochStats, Result
 
     def fake(recipe, tracker, workspace="workspace", *, report=None, progress=False, plan=None):
         n = len(calls)

@@ -20,7 +20,7 @@ from harness.engine.data import InputStats
 from harness.engine.files import torch_save_atomic
 from harness.engine.models import build_model
 from harness.engine.recipe import Recipe
-from harness.engine.train import Result
+from harness.engine.run_types import Result
 
 FORMAT = "finetune-harness-kept/1"
 

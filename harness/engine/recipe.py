@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictInt,
-                      Tag, ValidationError, field_validator, model_validator)
+from pydantic import (BaseModel, BeforeValidator, Discriminator, Field, StrictInt, Tag, ValidationError,
+                      field_validator, model_validator)
 
 from harness.errors import HarnessError
 from harness.engine.schedule import DEFAULT_MOMS
+from harness.engine.strict_model import StrictModel
 
 
 def _no_bool(v: Any) -> Any:
@@ -29,11 +30,7 @@ Positive = Annotated[Num, Field(gt=0)]
 Fraction = Annotated[Num, Field(gt=0, lt=1)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class LRSlice(_Strict):
+class LRSlice(StrictModel):
     """fastai `slice(max)` (min omitted) or `slice(min, max)` across layer groups."""
     min: Positive | None = None
     max: Positive
@@ -45,7 +42,7 @@ class LRSlice(_Strict):
         return self
 
 
-class TrainLast(_Strict):
+class TrainLast(StrictModel):
     """Train only the last N layer groups (the head is the last group)."""
     last: Annotated[StrictInt, Field(ge=1)]
 
@@ -67,7 +64,7 @@ Train = Annotated[Union[Annotated[Literal["head", "all"], Tag("<train-name>")],
 _UNION_TAGS = {"<lr-number>", "<lr-slice>", "<train-name>", "<train-last>"}
 
 
-class Stage(_Strict):
+class Stage(StrictModel):
     """One one-cycle fit: which groups train, their peak LRs, and the cycle's shape."""
     epochs: Annotated[StrictInt, Field(ge=1)]
     train: Train = "all"
@@ -93,7 +90,7 @@ class Stage(_Strict):
         return group_lrs(None, self.lr, n_groups, sliced=False)
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     dataset: Literal["fashion-mnist", "imagefolder"] = "fashion-mnist"
     root: str | None = None
     classes: Annotated[list[Union[StrictInt, str]], Field(min_length=2)] | None = None
@@ -110,7 +107,7 @@ class DataConfig(_Strict):
         return self
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     arch: str = "resnet18"  # a torchvision arch (fastai's splits), or timm/<name> (any timm model)
     weights: str = "none"   # none | imagenet | path to a harness checkpoint
     head: Literal["fastai", "linear"] = "fastai"
@@ -144,13 +141,13 @@ class ModelConfig(_Strict):
         return v
 
 
-class OptimizerConfig(_Strict):
+class OptimizerConfig(StrictModel):
     weight_decay: Annotated[Num, Field(ge=0)] = 0.01
     eps: Positive = 1e-5
     sqr_mom: Fraction = 0.99
 
 
-class Recipe(_Strict):
+class Recipe(StrictModel):
     """One fine-tune, fully resolved: replaying it reproduces the run."""
     seed: Annotated[StrictInt, Field(ge=0)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"

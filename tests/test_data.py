@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from harness.engine import data
-from harness.engine.data import CLASS_NAMES_FASHION, IMAGENET_MEAN, IMAGENET_STD, Split
+from harness.engine.data import CLASS_NAMES_FASHION, Split
+from harness.engine.input_stats import IMAGENET_MEAN, IMAGENET_STD
 from harness.errors import HarnessError
 
 needs_fashion = pytest.mark.skipif(

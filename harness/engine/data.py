@@ -19,15 +19,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from harness.engine.files import torch_save_atomic
+from harness.engine.input_stats import InputStats
 from harness.errors import HarnessError
 
 CLASS_NAMES_FASHION = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 FASHION_FILES = {
     "train_x": "train-images-idx3-ubyte.gz",
@@ -50,13 +48,6 @@ class Split:
     x: torch.Tensor  # uint8 [N, C, H, W], C = 1 or 3
     y: torch.Tensor  # int64 [N], labels 0..n_classes-1
     size: int | None = None   # batches come out at size x size (resized per batch); None: as stored
-
-
-@dataclass(frozen=True)
-class InputStats:
-    """The mean/std per RGB channel that a model's weights expect (grey is replicated)."""
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
 
 
 @dataclass(frozen=True)

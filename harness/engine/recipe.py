@@ -14,6 +14,7 @@ from pydantic import (BaseModel, BeforeValidator, Discriminator, Field, StrictIn
                       field_validator, model_validator)
 
 from harness.errors import HarnessError
+from harness.engine.archs import TIMM_PREFIX, TORCHVISION_ARCHS, check_timm_arch, is_timm_model
 from harness.engine.schedule import DEFAULT_MOMS
 from harness.engine.strict_model import StrictModel
 
@@ -117,24 +118,18 @@ class ModelConfig(StrictModel):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
-        from harness.engine.groups import TIMM_PREFIX
-        from harness.engine.models import ARCHS
         if v.startswith(TIMM_PREFIX):
-            from harness.engine.timm_models import check_timm_arch
             check_timm_arch(v)
             return v
-        if v not in ARCHS:
-            import timm
-            in_timm = timm.is_model(v.split(".", 1)[0])
-            hint = f" (did you mean '{TIMM_PREFIX}{v}'?)" if in_timm else did_you_mean(v, ARCHS)
+        if v not in TORCHVISION_ARCHS:
+            hint = f" (did you mean '{TIMM_PREFIX}{v}'?)" if is_timm_model(v) else did_you_mean(v, TORCHVISION_ARCHS)
             raise ValueError(f"unknown arch '{v}'{hint} "
-                             f"(known: {', '.join(ARCHS)}, or timm/<name> for any timm model)")
+                             f"(known: {', '.join(TORCHVISION_ARCHS)}, or timm/<name> for any timm model)")
         return v
 
     @field_validator("groups")
     @classmethod
     def _groups_for_arch(cls, v: int, info) -> int:
-        from harness.engine.groups import TIMM_PREFIX
         arch = info.data.get("arch")
         if arch and not arch.startswith(TIMM_PREFIX) and v != 3:
             raise ValueError(f"{arch} has fastai's 3-group split; use arch {TIMM_PREFIX}{arch} for {v} groups")

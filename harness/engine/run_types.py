@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from harness.engine.data import Dataset, InputStats, Split
+from harness.engine.data import Dataset, Split
 from harness.engine.groups import LayerGroups
+from harness.engine.input_stats import InputStats
 
 
 @dataclass

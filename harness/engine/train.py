@@ -19,7 +19,8 @@ from harness.engine import data as data_mod
 from harness.engine import probe as probe_mod
 from harness import interrupts
 from harness.errors import HarnessError
-from harness.engine.groups import TIMM_PREFIX, LayerGroups, param_groups, set_trainable
+from harness.engine.archs import TIMM_PREFIX
+from harness.engine.groups import LayerGroups, param_groups, set_trainable
 from harness.engine.models import build_model
 from harness.engine.recipe import Recipe, Stage
 from harness.engine.run_types import EpochStats, Outcome, Prepared, Result

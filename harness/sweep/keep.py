@@ -16,7 +16,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from harness.engine.data import InputStats
+from harness.engine.input_stats import InputStats
 from harness.engine.files import torch_save_atomic
 from harness.engine.models import build_model
 from harness.engine.recipe import Recipe

@@ -310,6 +310,22 @@ def test_imagefolder_corrupt_image_names_the_file(tmp_path):
     assert one_line(exc_info).startswith(f"data.root: cannot read image {bad}: ")
 
 
+def test_load_folder_errors_name_its_field(tmp_path):
+    """A second test folder (compare.shift_root) names its own field, as data.root's checks do."""
+    make_folder(tmp_path / "shift", per_class=2, classes=("cat", "dog"))
+    bad = tmp_path / "shift" / "dog" / "broken.png"
+    bad.write_bytes(b"this is not a png")
+    with raises_harness("cannot read image") as exc_info:
+        data.load_folder(tmp_path / "shift", ["cat", "dog"], 8, "compare.shift_root")
+    assert one_line(exc_info).startswith(f"compare.shift_root: cannot read image {bad}: ")
+    bad.unlink()
+    link = tmp_path / "shift" / "emu"
+    link.symlink_to(tmp_path / "gone")
+    with raises_harness("broken symbolic link") as exc_info:
+        data.load_folder(tmp_path / "shift", ["cat", "dog"], 8, "compare.shift_root")
+    assert one_line(exc_info) == f"compare.shift_root: {link} is a broken symbolic link"
+
+
 def test_imagefolder_bad_roots_name_the_path(tmp_path):
     missing = tmp_path / "nope"
     with raises_harness(f"data.root: {missing} does not exist"):

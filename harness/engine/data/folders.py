@@ -33,10 +33,7 @@ def load_folder(root: str | Path, class_names: list[str], image_size: int, field
     if not base.is_dir():
         raise HarnessError(f"{field}: {base} is not a directory")
     wanted = {folder_name(n): i for i, n in enumerate(class_names)}
-    try:
-        found = {d.name: d for d in _class_dirs(base)}
-    except HarnessError as e:
-        raise HarnessError(f"{field}{str(e).removeprefix('data.root')}") from None
+    found = {d.name: d for d in _class_dirs(base, field)}
     if set(found) != set(wanted):
         extra, missing = sorted(set(found) - set(wanted)), sorted(set(wanted) - set(found))
         said = "; ".join(part for part in (f"not training classes: {', '.join(extra)}" if extra else "",
@@ -49,10 +46,7 @@ def load_folder(root: str | Path, class_names: list[str], image_size: int, field
         if not files:
             raise HarnessError(f"{field}: class folder {found[name]} has no images")
         for path in files:
-            try:
-                images.append(_decode_image(path, image_size))
-            except HarnessError as e:
-                raise HarnessError(f"{field}{str(e).removeprefix('data.root')}") from None
+            images.append(_decode_image(path, image_size, field))
             labels.append(label)
     if any(t.shape[0] == 3 for t in images):
         images = [t.expand(3, -1, -1) for t in images]
@@ -82,12 +76,12 @@ def scan_imagefolder(root: str | None) -> tuple[Layout, list[str]]:
     return layout, names
 
 
-def _class_dirs(folder: Path) -> list[Path]:
-    """Visible subfolders, sorted by name (their names are the class names)."""
+def _class_dirs(folder: Path, field: str = "data.root") -> list[Path]:
+    """Visible subfolders, sorted by name (their names are the class names). Errors name `field`."""
     entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
     for p in entries:
         if p.is_symlink() and not p.exists():   # may be a class folder: never leave one out silently
-            raise HarnessError(f"data.root: {p} is a broken symbolic link")
+            raise HarnessError(f"{field}: {p} is a broken symbolic link")
     return sorted(p for p in entries if p.is_dir())
 
 
@@ -124,15 +118,15 @@ def fingerprint(layout: Layout) -> str:
     return digest.hexdigest()
 
 
-def _decode_image(path: Path, image_size: int) -> torch.Tensor:
-    """One image file as uint8 [C,S,S], C = 1 for grayscale modes, else 3."""
+def _decode_image(path: Path, image_size: int, field: str = "data.root") -> torch.Tensor:
+    """One image file as uint8 [C,S,S], C = 1 for grayscale modes, else 3. Errors name `field`."""
     try:
         with Image.open(path) as img:
             img.load()
             img = img.convert("L" if img.mode in _GRAY_MODES else "RGB")
     except Exception as exc:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise HarnessError(f"data.root: cannot read image {path}: {reason}") from None
+        raise HarnessError(f"{field}: cannot read image {path}: {reason}") from None
     array = np.array(img, dtype=np.uint8)  # a writable copy, so torch can own it
     tensor = torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
     return resize(tensor.unsqueeze(0), image_size)[0]

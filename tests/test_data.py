@@ -429,6 +429,15 @@ def test_train_batches_count_shapes_and_normalisation():
     assert not torch.equal(seen, torch.arange(48))
 
 
+def test_train_batches_come_in_the_order_of_train_indices():
+    """One index generator for images and for a probe's cached features (harness/engine/probe.py)."""
+    split = synthetic_split(n=50, channels=1)
+    indices = list(data.train_indices(50, 16, torch.Generator().manual_seed(3), split.x.device))
+    batches = list(data.train_batches(split, 16, torch.Generator().manual_seed(3), augment=False))
+    assert len(indices) == len(batches) == 3
+    assert all(torch.equal(idx, labels) for idx, (_, labels) in zip(indices, batches))
+
+
 def test_normalize_uses_imagenet_statistics():
     x = torch.stack([torch.zeros(3, 2, 2, dtype=torch.uint8), torch.full((3, 2, 2), 255, dtype=torch.uint8)])
     out = data.normalize(x)

@@ -57,16 +57,24 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
     return n_train // batch_size
 
 
+def train_indices(n: int, batch_size: int, generator: torch.Generator,
+                  device: torch.device) -> Iterator[torch.Tensor]:
+    """The indices of every full batch of one shuffled epoch of `n` examples: one randperm drawn
+    from `generator` on `device`, cut into `batch_size` slices (the last partial one dropped).
+    The one order of an epoch, for its images (`train_batches`) as for a probe's cached
+    features (harness/engine/probe.py): the generator's stream is the same by construction."""
+    _check_batch_size(batch_size)
+    order = torch.randperm(n, generator=generator, device=device)
+    for step in range(n // batch_size):
+        yield order[step * batch_size:(step + 1) * batch_size]
+
+
 def train_batches(
     split: Split, batch_size: int, generator: torch.Generator, augment: bool,
     stats: InputStats | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One shuffled epoch of full batches: (normalised float32 [B,3,H,W], int64 labels)."""
-    _check_batch_size(batch_size)
-    n = len(split.y)
-    order = torch.randperm(n, generator=generator, device=split.x.device)
-    for step in range(n // batch_size):
-        idx = order[step * batch_size:(step + 1) * batch_size]
+    for idx in train_indices(len(split.y), batch_size, generator, split.x.device):
         images = _batch(split, idx, stats)
         if augment:
             images = crop_flip(images, generator)

@@ -42,6 +42,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from harness.engine import data as data_mod  # noqa: E402
+from harness.engine.data import cache as data_cache  # noqa: E402
 from harness.engine.recipe import Recipe  # noqa: E402
 from harness.engine.train import make_optimizer, prepare  # noqa: E402
 from harness.engine.groups import set_trainable
@@ -97,7 +98,7 @@ def dataset_tensors(run) -> dict[str, torch.Tensor]:
     ds = run.dataset
     out = {"train.x": run.train.x, "train.y": run.train.y,
            "val.x": ds.val.x, "val.y": ds.val.y, "test.x": ds.test.x, "test.y": ds.test.y}
-    for key, prepared in data_mod._MEMORY_CACHE.items():   # read only: what the process holds
+    for key, prepared in data_cache._MEMORY_CACHE.items():   # read only: what the process holds
         for name, value in prepared.items():
             if isinstance(value, torch.Tensor):
                 out[f"memory-cache[{key}].{name}"] = value

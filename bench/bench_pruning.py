@@ -115,9 +115,9 @@ def record_study(ostudies: dict[str, optuna.Study], epochs: int, meta: dict[str,
 
 
 def cmd_run(args: argparse.Namespace) -> dict:
-    from harness.stores import Stores
+    from harness.sweep.run import run_sweep
     from harness.sweep.study import load_study
-    from harness.sweep.sweep import run_sweep
+    from harness.workspace import Stores
 
     d = study_with_overrides(Path(args.study), args)
     ws = Path(args.workspace or f"/tmp/bench-pruning-{d['name']}").resolve()

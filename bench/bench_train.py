@@ -39,7 +39,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from harness.engine import data as data_mod  # noqa: E402
-from harness.engine.groups import TIMM_PREFIX, param_groups, set_trainable
+from harness.engine.archs import TIMM_PREFIX
+from harness.engine.groups import param_groups, set_trainable
 from harness.engine.models import build_model
 from harness.engine.recipe import Recipe  # noqa: E402
 from harness.engine.train import NullTracker, fine_tune, resolve_device  # noqa: E402

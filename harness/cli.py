@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from harness.errors import HarnessError, lost_store
-from harness.stores import HEARTBEAT_S
+from harness.workspace import HEARTBEAT_S
 
 
 def _fail_cleanly(fn):
@@ -48,12 +48,12 @@ def _recipe(path: str, device: str | None):
 
 def store_options(heartbeat: bool = False):
     """--workspace, --storage, --tracking-uri (and, for the commands that run trials,
-    --heartbeat) on a command, resolved once into its `stores` argument (harness/stores.py).
+    --heartbeat) on a command, resolved once into its `stores` argument (harness/workspace.py).
     Every command takes them all; a command ignores the stores it does not use."""
     def decorate(fn):
         @functools.wraps(fn)
         def command(*args, workspace, storage, tracking_uri, **kwargs):
-            from harness.stores import Stores
+            from harness.workspace import Stores
             beat = {"heartbeat": kwargs.pop("heartbeat")} if heartbeat else {}
             return fn(*args, stores=Stores.resolve(workspace, storage, tracking_uri, **beat), **kwargs)
         for option in reversed([workspace_opt, storage_opt, tracking_opt] + ([heartbeat_opt] if heartbeat else [])):
@@ -198,7 +198,7 @@ def sweep(study_path, strategies, trials, use_lr_find, workers, workers_per_gpu,
     from harness.results import format_status, status_rows
     from harness.sweep.launch import Launch
     from harness.sweep.study import load_study
-    from harness.sweep.sweep import run_sweep
+    from harness.sweep.run import run_sweep
 
     study = load_study(study_path)
     selection = study.select(strategies, trials)
@@ -228,7 +228,7 @@ def worker(study_path, strategies, trials, name, seed_offset, stores):
     import os
 
     from harness.sweep.study import load_study
-    from harness.sweep.sweep import check_stores
+    from harness.sweep.run import check_stores
     from harness.sweep.worker import Worker
 
     study = load_study(study_path)

@@ -21,10 +21,10 @@ from harness.engine.recipe import Recipe
 from harness.engine.shift import Corruption, accuracy, corrupted_batches, corruptions, per_class
 from harness.errors import HarnessError
 from harness.results import trial_recipe
-from harness.stores import Stores
 from harness.sweep.keep import load_kept
-from harness.sweep.ostudies import best_trial, count_trials, load_ostudy
+from harness.sweep.optuna_studies import best_trial, count_trials, load_ostudy
 from harness.sweep.study import Study
+from harness.workspace import Stores
 
 
 @dataclass(frozen=True)

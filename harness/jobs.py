@@ -14,11 +14,12 @@ from harness.engine.groups import group_names
 from harness.engine.lr_find import LRFindResult, RangeTest, chosen_stages, range_test, states_after
 from harness.engine.models import read_checkpoint, save_checkpoint
 from harness.engine.recipe import Recipe, config_hash, flatten
+from harness.engine.run_types import Result
 from harness.engine.stages import StagePlan, saver, stage_path
-from harness.engine.train import Result, check_inputs, fine_tune, resolve_device
+from harness.engine.train import check_inputs, fine_tune, resolve_device
 from harness.errors import HarnessError
-from harness.stores import Stores
 from harness.tracking import MlflowTracker, Tracking
+from harness.workspace import Stores
 
 
 def tracked_fine_tune(recipe: Recipe, tracker: MlflowTracker, workspace: str | Path = "workspace", *,

@@ -9,10 +9,10 @@ import yaml
 
 from harness.engine.recipe import Recipe
 from harness.errors import HarnessError
-from harness.stores import Stores
-from harness.sweep.ostudies import best_trial, count_trials, load_ostudy
+from harness.sweep.optuna_studies import best_trial, count_trials, load_ostudy
 from harness.sweep.space import on_boundary
 from harness.sweep.study import Study
+from harness.workspace import Stores
 
 
 def status_rows(study: Study, stores: Stores) -> list[dict[str, Any]]:

@@ -8,10 +8,12 @@ Measures:
   3. parameters of public functions, methods and public classes' ``__init__`` (every parameter counts one,
      *args and **kwargs included, ``self``/``cls`` not); public = no ``_``-prefixed name on the path and not
      local to a function; click commands (a decorator whose text has "click." or ".command") reported apart;
-  4. the internal import graph (top-level and function-local imports, relative ones resolved, imports
-     under ``if TYPE_CHECKING:`` listed but left out): cycles (SCCs larger than one), layers (longest-path
-     level on the condensation, L0 = imports no package module), and imports of another module's private
-     names (``from pkg.x import _name`` and ``mod._name`` on an imported package module).
+  4. the internal import graph (top-level, function-local and ``if TYPE_CHECKING:`` imports, relative
+     ones resolved; a type-only import is a dependency too, so it counts, and is also listed apart):
+     cycles (SCCs larger than one; those that remain without the type-only imports, and among
+     top-level imports only, are reported apart), layers (longest-path level on the condensation,
+     L0 = imports no package module), and imports of another module's private names
+     (``from pkg.x import _name`` and ``mod._name`` on an imported package module).
 """
 from __future__ import annotations
 
@@ -158,10 +160,11 @@ def levels(graph: dict[str, set[str]]) -> dict[str, int]:
 def measure(pkg_dir: Path) -> dict:
     mods = load(pkg_dir)
     root, known = pkg_dir.name, set(mods)
-    fns, graph, top, typed, private = [], {}, {}, {}, []
+    fns, graph, runtime, top, typed, private = [], {}, {}, {}, {}, []
     for mod, (path, tree, src) in mods.items():
         fns += functions(mod, tree, src)
-        graph[mod], top[mod], typed[mod], pv = imports(mod, path.name == "__init__.py", tree, known, root)
+        runtime[mod], top[mod], typed[mod], pv = imports(mod, path.name == "__init__.py", tree, known, root)
+        graph[mod] = runtime[mod] | typed[mod]
         private += [f"{mod} -> {x}" for x in sorted(pv)]
     lengths = sorted(((n.end_lineno - n.lineno + 1, q) for q, n, _, _ in fns), key=lambda x: (-x[0], x[1]))
     public = sorted(((n_params(n), q) for q, n, p, c in fns if p and not c), key=lambda x: (-x[0], x[1]))
@@ -177,7 +180,8 @@ def measure(pkg_dir: Path) -> dict:
         "click_commands_excluded": [{"name": q, "params": n} for n, q in click],
         "imports": {m: sorted(graph[m]) for m in sorted(graph)},
         "type_checking_only_imports": {m: sorted(t) for m, t in sorted(typed.items()) if t},
-        "cycles": cycles, "top_level_cycles": [c for c in sccs(top) if len(c) > 1],
+        "cycles": cycles, "runtime_cycles": [c for c in sccs(runtime) if len(c) > 1],
+        "top_level_cycles": [c for c in sccs(top) if len(c) > 1],
         "levels": lv, "level_count": max(lv.values()) + 1 if lv else 0, "private_imports": private,
     }
 
@@ -193,12 +197,14 @@ def report(d: dict) -> str:
     out += [f"  public functions with > 6 parameters: {d['public_over_6_params']}",
             f"click commands (excluded): {len(d['click_commands_excluded'])}"]
     out += [f"  {f['params']:>4}  {f['name']}" for f in d["click_commands_excluded"]]
-    out += ["", "internal imports (top-level + function-local):"]
+    out += ["", "internal imports (top-level + function-local + TYPE_CHECKING):"]
     out += [f"  {m} -> {', '.join(t) or '-'}" for m, t in d["imports"].items()]
     for m, t in d["type_checking_only_imports"].items():
-        out.append(f"  (TYPE_CHECKING only, not in graph) {m} -> {', '.join(t)}")
+        out.append(f"  (of which TYPE_CHECKING only) {m} -> {', '.join(t)}")
     out += ["", f"import cycles: {len(d['cycles']) or 'none'}"]
     out += [f"  {{{', '.join(c)}}}" for c in d["cycles"]]
+    out.append(f"  of which without the TYPE_CHECKING imports: {len(d['runtime_cycles']) or 'none'}")
+    out += [f"    {{{', '.join(c)}}}" for c in d["runtime_cycles"]]
     out.append(f"  of which among top-level imports only: {len(d['top_level_cycles']) or 'none'}")
     out += [f"    {{{', '.join(c)}}}" for c in d["top_level_cycles"]]
     cond = " (on the condensation: a cycle's modules share a level)" if d["cycles"] else ""

@@ -13,7 +13,9 @@ import torch
 from PIL import Image
 
 from harness.engine import data
-from harness.engine.data import CLASS_NAMES_FASHION, IMAGENET_MEAN, IMAGENET_STD, Split
+from harness.engine.data import cache, fashion, folders, resize, splits
+from harness.engine.data import CLASS_NAMES_FASHION, Split
+from harness.engine.input_stats import IMAGENET_MEAN, IMAGENET_STD
 from harness.errors import HarnessError
 
 needs_fashion = pytest.mark.skipif(
@@ -52,8 +54,8 @@ def fashion_ws(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def t10k() -> tuple[torch.Tensor, torch.Tensor]:
-    images = data._read_idx(data.SYSTEM_FASHION_DIR / "t10k-images-idx3-ubyte.gz")
-    labels = data._read_idx(data.SYSTEM_FASHION_DIR / "t10k-labels-idx1-ubyte.gz")
+    images = fashion._read_idx(data.SYSTEM_FASHION_DIR / "t10k-images-idx3-ubyte.gz")
+    labels = fashion._read_idx(data.SYSTEM_FASHION_DIR / "t10k-labels-idx1-ubyte.gz")
     return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
 
 
@@ -117,10 +119,10 @@ def test_test_per_class_caps_the_test_split_alike_for_every_seed(fashion_ws):
 
 @needs_fashion
 def test_fashion_val_is_stratified_and_disjoint_from_train(fashion_ws):
-    prepared = data._prepared_dataset(make_cfg(), fashion_ws)
+    prepared = cache.prepared_dataset(make_cfg(), fashion_ws)
     pool_y = prepared["train_y"]
     for cap in (None, 40):
-        train_idx, val_idx = data._split_indices(pool_y, [3, 7, 1], cap, 0.2, seed=5)
+        train_idx, val_idx = splits.split_indices(pool_y, [3, 7, 1], cap, 0.2, seed=5)
         assert not set(train_idx.tolist()) & set(val_idx.tolist())
         val_counts = pool_y[val_idx].bincount(minlength=10)
         expected = 1200 if cap is None else 10
@@ -142,7 +144,7 @@ def test_fashion_split_is_deterministic_per_seed(fashion_ws):
 
 @needs_fashion
 def test_fashion_cache_file_is_written_and_reused(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_MEMORY_CACHE", {})
+    monkeypatch.setattr(cache, "_MEMORY_CACHE", {})
     cfg = make_cfg(classes=["Coat"], train_per_class=20)
     first = data.load_dataset(cfg, tmp_path, seed=0)
     cache_files = list((tmp_path / "cache").glob("*.pt"))
@@ -151,8 +153,8 @@ def test_fashion_cache_file_is_written_and_reused(tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(data, "_decode_fashion", no_decoding)
-    data._MEMORY_CACHE.clear()  # forces the disk cache
+    monkeypatch.setattr(fashion, "decode_fashion", no_decoding)
+    cache._MEMORY_CACHE.clear()  # forces the disk cache
     from_disk = data.load_dataset(cfg, tmp_path, seed=0)
     assert torch.equal(first.train.x, from_disk.train.x)
     cache_files[0].unlink()  # now only the in-process cache can answer
@@ -177,7 +179,7 @@ def write_fake_fashion(folder: Path, n_train: int = 40, n_test: int = 20) -> Non
 
 
 def test_fashion_root_with_torchvision_layout_and_resize(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "SYSTEM_FASHION_DIR", tmp_path / "absent")
+    monkeypatch.setattr(fashion, "SYSTEM_FASHION_DIR", tmp_path / "absent")
     write_fake_fashion(tmp_path / "root" / "FashionMNIST" / "raw")
     cfg = make_cfg(root=str(tmp_path / "root"), image_size=32, val_fraction=0.25)
     ds = data.load_dataset(cfg, tmp_path / "ws", seed=0)
@@ -188,14 +190,14 @@ def test_fashion_root_with_torchvision_layout_and_resize(tmp_path, monkeypatch):
     images, _ = next(data.eval_batches(ds.test, 8))
     assert images.shape == (8, 3, 32, 32)
     # the per-batch resize is the one the old cache applied up front: shorter side, antialiased
-    assert torch.equal(images, data.normalize(data._resize(ds.test.x[:8], 32)))
+    assert torch.equal(images, data.normalize(resize.resize(ds.test.x[:8], 32)))
     batch, _ = next(data.train_batches(ds.train, 8, torch.Generator().manual_seed(0), augment=True))
     assert batch.shape == (8, 3, 32, 32)
 
 
 def test_fashion_cache_is_one_file_for_every_image_size(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "SYSTEM_FASHION_DIR", tmp_path / "absent")
-    monkeypatch.setattr(data, "_MEMORY_CACHE", {})
+    monkeypatch.setattr(fashion, "SYSTEM_FASHION_DIR", tmp_path / "absent")
+    monkeypatch.setattr(cache, "_MEMORY_CACHE", {})
     write_fake_fashion(tmp_path / "root" / "FashionMNIST" / "raw")
     for size in (32, 96, 224):
         ds = data.load_dataset(make_cfg(root=str(tmp_path / "root"), image_size=size), tmp_path / "ws", seed=0)
@@ -205,12 +207,12 @@ def test_fashion_cache_is_one_file_for_every_image_size(tmp_path, monkeypatch):
 
 
 def test_fashion_not_found_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "SYSTEM_FASHION_DIR", tmp_path / "absent")
+    monkeypatch.setattr(fashion, "SYSTEM_FASHION_DIR", tmp_path / "absent")
 
     def offline(dest):
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(data, "_download_fashion", offline)
+    monkeypatch.setattr(fashion, "_download_fashion", offline)
     with raises_harness("apt-get install dataset-fashion-mnist") as exc_info:
         data.load_dataset(make_cfg(), tmp_path, seed=0)
     assert str(tmp_path / "data" / "fashion-mnist") in one_line(exc_info)
@@ -324,6 +326,22 @@ def test_imagefolder_corrupt_image_names_the_file(tmp_path):
     assert one_line(exc_info).startswith(f"data.root: cannot read image {bad}: ")
 
 
+def test_load_folder_errors_name_its_field(tmp_path):
+    """A second test folder (compare.shift_root) names its own field, as data.root's checks do."""
+    make_folder(tmp_path / "shift", per_class=2, classes=("cat", "dog"))
+    bad = tmp_path / "shift" / "dog" / "broken.png"
+    bad.write_bytes(b"this is not a png")
+    with raises_harness("cannot read image") as exc_info:
+        data.load_folder(tmp_path / "shift", ["cat", "dog"], 8, "compare.shift_root")
+    assert one_line(exc_info).startswith(f"compare.shift_root: cannot read image {bad}: ")
+    bad.unlink()
+    link = tmp_path / "shift" / "emu"
+    link.symlink_to(tmp_path / "gone")
+    with raises_harness("broken symbolic link") as exc_info:
+        data.load_folder(tmp_path / "shift", ["cat", "dog"], 8, "compare.shift_root")
+    assert one_line(exc_info) == f"compare.shift_root: {link} is a broken symbolic link"
+
+
 def test_imagefolder_bad_roots_name_the_path(tmp_path):
     missing = tmp_path / "nope"
     with raises_harness(f"data.root: {missing} does not exist"):
@@ -349,15 +367,15 @@ def test_imagefolder_cache_reused_and_invalidated_by_edits(tmp_path, monkeypatch
     first = data.load_dataset(cfg, tmp_path / "ws", seed=0)
     assert len(list((tmp_path / "ws" / "cache").glob("imagefolder-8px-*.pt"))) == 1
 
-    real_decode = data._decode_imagefolder
+    real_decode = folders.decode_imagefolder
     calls = []
 
     def counting_decode(*args):
         calls.append(1)
         return real_decode(*args)
 
-    monkeypatch.setattr(data, "_decode_imagefolder", counting_decode)
-    monkeypatch.setattr(data, "_MEMORY_CACHE", {})
+    monkeypatch.setattr(folders, "decode_imagefolder", counting_decode)
+    monkeypatch.setattr(cache, "_MEMORY_CACHE", {})
     assert torch.equal(data.load_dataset(cfg, tmp_path / "ws", seed=0).train.x, first.train.x)
     assert calls == []
     save_image(tmp_path / "imgs" / "cat" / "new.png", (250, 250, 250))
@@ -425,6 +443,15 @@ def test_train_batches_count_shapes_and_normalisation():
     seen = torch.cat([labels for _, labels in batches])
     assert len(set(seen.tolist())) == 48  # a shuffled epoch without repeats
     assert not torch.equal(seen, torch.arange(48))
+
+
+def test_train_batches_come_in_the_order_of_train_indices():
+    """One index generator for images and for a probe's cached features (harness/engine/probe.py)."""
+    split = synthetic_split(n=50, channels=1)
+    indices = list(data.train_indices(50, 16, torch.Generator().manual_seed(3), split.x.device))
+    batches = list(data.train_batches(split, 16, torch.Generator().manual_seed(3), augment=False))
+    assert len(indices) == len(batches) == 3
+    assert all(torch.equal(idx, labels) for idx, (_, labels) in zip(indices, batches))
 
 
 def test_normalize_uses_imagenet_statistics():

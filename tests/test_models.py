@@ -38,6 +38,12 @@ def names(group: nn.Module) -> list[str]:
 
 # --- layer groups ----------------------------------------------------------------------------
 
+def test_the_archs_recipes_accept_are_the_archs_models_builds():
+    """Recipe validation knows the torchvision archs by name alone (harness/engine/archs.py)."""
+    from harness.engine.archs import TORCHVISION_ARCHS
+    assert tuple(models.ARCHS) == TORCHVISION_ARCHS
+
+
 def test_resnet18_groups_are_fastais_split(r18):
     assert len(r18) == 3
     assert names(r18[0]) == ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2"]

@@ -11,7 +11,7 @@ import torch
 from conftest import needs_fashion, template_store
 from harness.engine import train as train_mod
 from harness import jobs
-from harness.stores import Stores
+from harness.workspace import Stores
 from harness.errors import HarnessError
 from harness.engine.models import build_model, read_checkpoint
 from harness.jobs import pretrain

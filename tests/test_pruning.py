@@ -8,7 +8,7 @@ import optuna
 import pytest
 import yaml
 
-from harness.sweep.ostudies import make_pruner
+from harness.sweep.optuna_studies import make_pruner
 from harness.sweep.pruning import (LAYOUT_ATTR, N_ATTR, LayoutPruner, Record, annealed_prefix, binomial_margin,
                                    judged_prefix, recipe_layout, records_of, replay, spearman)
 from harness.sweep.strategies import stages_for

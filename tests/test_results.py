@@ -17,7 +17,7 @@ from conftest import FASHION_DIR, needs_fashion
 from harness.cli import main
 from harness.compare import Comparison, StrategyResult
 from harness.results import status_rows
-from harness.stores import Stores
+from harness.workspace import Stores
 from harness.sweep.study import load_study
 from test_sweep import (BASE_STUDY, PNG_MAGIC, THREADS, base_recipe, base_sweep,
                         client_for, invoke, write_study)

@@ -23,7 +23,7 @@ def test_yaml_cannot_construct_python_objects(tmp_path, command):
 def test_worker_command_lines_carry_no_store_url(tmp_path, monkeypatch):
     """`ps` shows command lines to every user: the stores go to workers in their environment."""
     from test_workers import tiny_study
-    from harness.stores import Stores
+    from harness.workspace import Stores
     study = load_study(tiny_study(tmp_path / "s.yaml", "sec", trials=1))
     stores = Stores.resolve(tmp_path / "ws", "postgresql://u:secret@h/db", "http://u:secret@mlflow:5000")
     argv = worker_argv(study, stores, study.select(["naive"], 1))

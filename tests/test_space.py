@@ -168,7 +168,7 @@ def test_suggest_300_random_trials_never_give_lr_low_above_lr_high():
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 def test_suggest_with_the_sweeps_tpe_sampler_keeps_the_order():
-    from harness.sweep.ostudies import make_sampler
+    from harness.sweep.optuna_studies import make_sampler
     space = space_of("discriminative", {k: OVERLAPPING[k] for k in ("lr_low", "lr_high", "pct_start")})
     draws = ask_many(space, 30, sampler=make_sampler("tpe", 0),
                      value=lambda v, i: -abs(math.log10(v["lr_high"]) + 3))

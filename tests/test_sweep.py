@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from conftest import FASHION_DIR, needs_fashion, tiny_recipe_dict, template_store
 from harness.cli import main
 from harness.engine.recipe import Recipe
-from harness.stores import Stores
+from harness.workspace import Stores
 from harness.sweep.study import Study, load_study
 from shipped import read_yaml, resolve_study, shrink
 
@@ -364,7 +364,7 @@ def diverging_sweep(tmp_path, tmp_path_factory, workspace, lr: float, trials: in
 
 
 def test_count_trials_sorts_every_state():
-    from harness.sweep.ostudies import Counts, count_trials
+    from harness.sweep.optuna_studies import Counts, count_trials
     ostudy = optuna.create_study(direction="maximize")
     dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
     S = optuna.trial.TrialState
@@ -444,7 +444,7 @@ def test_a_trial_at_lr_1e3_is_recorded_as_diverged(tmp_path, tmp_path_factory, w
 def fake_fine_tune(values_per_trial: list[float], calls: list):
     """A stand-in for tracked_fine_tune: reports `values_per_trial[n]` after each of the
     recipe's epochs for the n-th call, as the real one does, and logs val/accuracy."""
-    from harness.engine.train import EpochStats, Result
+    from harness.engine.run_types import EpochStats, Result
 
     def fake(recipe, tracker, workspace="workspace", *, report=None, progress=False, plan=None):
         n = len(calls)
@@ -463,7 +463,7 @@ def fake_fine_tune(values_per_trial: list[float], calls: list):
 
 def test_median_pruner_prunes_a_trial_below_the_median(tmp_path, tmp_path_factory, monkeypatch):
     import harness.jobs
-    from harness.sweep.sweep import run_sweep
+    from harness.sweep.run import run_sweep
 
     study_d = {**BASE_STUDY, "name": "prune", "recipe": base_recipe(), "trials": 4, "pruner": "median",
                "strategies": {"naive": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}, "head_only": None}}
@@ -503,7 +503,7 @@ def test_layout_pruner_prunes_at_the_end_of_the_frozen_stage_and_never_a_single_
     stage); naive, one stage, has no annealed point before its end and is never pruned."""
     import harness.jobs
     from harness.sweep.pruning import LAYOUT_ATTR, N_ATTR
-    from harness.sweep.sweep import run_sweep
+    from harness.sweep.run import run_sweep
 
     spaces = {"two_phase": {"freeze_epochs": 1, "lr_high": {"low": 1e-3, "high": 1e-2, "log": True}},
               "naive": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}}
@@ -576,7 +576,7 @@ def test_a_crashed_first_trial_is_run_again_with_the_defaults_on_resume(tmp_path
     """A crash (not a divergence) in the enqueued default trial stops the sweep; the next
     `harness sweep` runs the published default again instead of losing the baseline."""
     import harness.jobs
-    from harness.sweep.sweep import run_sweep
+    from harness.sweep.run import run_sweep
 
     study_d = {**BASE_STUDY, "name": "crash", "recipe": base_recipe(), "trials": 2, "pruner": "none",
                "strategies": {"naive": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}}}

@@ -11,7 +11,7 @@ from conftest import needs_fashion, tiny_recipe_dict, template_store
 from harness.engine.recipe import Recipe
 from harness.engine.recipe import flatten
 from harness.jobs import tracked_fine_tune
-from harness.stores import tracking_uri as default_tracking_uri
+from harness.workspace import tracking_uri as default_tracking_uri
 from harness.tracking import MlflowTracker, Tracking
 
 

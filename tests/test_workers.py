@@ -20,11 +20,11 @@ import pytest
 import yaml
 
 from conftest import needs_fashion
-from harness.stores import Stores, optuna_spec
+from harness.workspace import Stores, optuna_spec
 from harness.sweep import storage as st
 from harness.errors import HarnessError
 from harness.sweep.launch import plan
-from harness.sweep.ostudies import RETRIES, requeue
+from harness.sweep.optuna_studies import RETRIES, requeue
 from harness.sweep.worker import alive, worker_id
 from shipped import resolve_study, shrink
 

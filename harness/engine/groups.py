@@ -12,13 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from harness.engine.data import InputStats
+from harness.engine.input_stats import InputStats
 
 # fastai's norm types, plus GroupNorm/RMSNorm (timm's NF-nets, GN EfficientNets, some ViTs):
 # none of fastai's splits holds one, so the torchvision archs behave exactly as fastai's.
 NORM_TYPES = tuple(t for t in (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
                                nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if t is not None)
-TIMM_PREFIX = "timm/"
 
 
 class AdaptiveConcatPool2d(nn.Module):

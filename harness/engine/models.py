@@ -27,8 +27,9 @@ import torch
 import torchvision
 from torch import nn
 
-from harness.engine.data import InputStats
-from harness.engine.groups import TIMM_PREFIX, LayerGroups, Member, fastai_head, is_norm, linear_head
+from harness.engine.archs import TIMM_PREFIX
+from harness.engine.groups import LayerGroups, Member, fastai_head, is_norm, linear_head
+from harness.engine.input_stats import InputStats
 from harness.errors import HarnessError
 
 CHECKPOINT_FORMAT = "finetune-harness-checkpoint/1"

@@ -6,8 +6,9 @@ nothing is augmented (`data.augment: false`). Then the body's output on a split 
 on the split, the body's weights, the image size, the input statistics and the device, so it
 is computed once (eval mode, `data.eval_batches` in chunks of the batch size the uncached run
 gives the body that split, the step's autocast) and the head trains on it: `model.head_forward(features)` is `model(x)` (the LayerGroups contract). The
-shuffling draws the same `randperm` from the same generator as `data.train_batches`, and the
-head's dropout the same global RNG, so a cached run is the uncached one, step for step.
+batches' indices come from the same `data.train_indices` as `data.train_batches`'s, drawn from
+the same generator, and the head's dropout from the same global RNG, so a cached run is the
+uncached one, step for step.
 
 Features are kept in a small in-process cache (on their device, oldest evicted first), keyed
 by a digest of all of the above. `HARNESS_FEATURE_CACHE`: `memory` (default), `disk` (also
@@ -222,11 +223,9 @@ class Probe:
 
     def train_batches(self, split: data_mod.Split, generator: torch.Generator,
                       batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """data.train_batches over the cached features: the same randperm, the same batches."""
-        feats, n = self.features("train", split, batch_size), len(split.y)
-        order = torch.randperm(n, generator=generator, device=split.x.device)
-        for step in range(n // batch_size):
-            idx = order[step * batch_size:(step + 1) * batch_size]
+        """data.train_batches over the cached features: the same indices (`data.train_indices`), the same batches."""
+        feats = self.features("train", split, batch_size)
+        for idx in data_mod.train_indices(len(split.y), batch_size, generator, split.x.device):
             yield feature_format(feats[idx], self.device), split.y[idx]
 
     def evaluate(self, name: str, split: data_mod.Split, batch_size: int) -> tuple[float | None, float | None]:

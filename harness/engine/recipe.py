@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictInt,
-                      Tag, ValidationError, field_validator, model_validator)
+from pydantic import (BaseModel, BeforeValidator, Discriminator, Field, StrictInt, Tag, ValidationError,
+                      field_validator, model_validator)
 
 from harness.errors import HarnessError
+from harness.engine.archs import TIMM_PREFIX, TORCHVISION_ARCHS, check_timm_arch, is_timm_model
 from harness.engine.schedule import DEFAULT_MOMS
+from harness.engine.strict_model import StrictModel
 
 
 def _no_bool(v: Any) -> Any:
@@ -29,11 +31,7 @@ Positive = Annotated[Num, Field(gt=0)]
 Fraction = Annotated[Num, Field(gt=0, lt=1)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class LRSlice(_Strict):
+class LRSlice(StrictModel):
     """fastai `slice(max)` (min omitted) or `slice(min, max)` across layer groups."""
     min: Positive | None = None
     max: Positive
@@ -45,7 +43,7 @@ class LRSlice(_Strict):
         return self
 
 
-class TrainLast(_Strict):
+class TrainLast(StrictModel):
     """Train only the last N layer groups (the head is the last group)."""
     last: Annotated[StrictInt, Field(ge=1)]
 
@@ -67,7 +65,7 @@ Train = Annotated[Union[Annotated[Literal["head", "all"], Tag("<train-name>")],
 _UNION_TAGS = {"<lr-number>", "<lr-slice>", "<train-name>", "<train-last>"}
 
 
-class Stage(_Strict):
+class Stage(StrictModel):
     """One one-cycle fit: which groups train, their peak LRs, and the cycle's shape."""
     epochs: Annotated[StrictInt, Field(ge=1)]
     train: Train = "all"
@@ -93,7 +91,7 @@ class Stage(_Strict):
         return group_lrs(None, self.lr, n_groups, sliced=False)
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     dataset: Literal["fashion-mnist", "imagefolder"] = "fashion-mnist"
     root: str | None = None
     classes: Annotated[list[Union[StrictInt, str]], Field(min_length=2)] | None = None
@@ -111,7 +109,7 @@ class DataConfig(_Strict):
         return self
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     arch: str = "resnet18"  # a torchvision arch (fastai's splits), or timm/<name> (any timm model)
     weights: str = "none"   # none | imagenet | path to a harness checkpoint
     head: Literal["fastai", "linear"] = "fastai"
@@ -121,37 +119,31 @@ class ModelConfig(_Strict):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
-        from harness.engine.groups import TIMM_PREFIX
-        from harness.engine.models import ARCHS
         if v.startswith(TIMM_PREFIX):
-            from harness.engine.timm_models import check_timm_arch
             check_timm_arch(v)
             return v
-        if v not in ARCHS:
-            import timm
-            in_timm = timm.is_model(v.split(".", 1)[0])
-            hint = f" (did you mean '{TIMM_PREFIX}{v}'?)" if in_timm else did_you_mean(v, ARCHS)
+        if v not in TORCHVISION_ARCHS:
+            hint = f" (did you mean '{TIMM_PREFIX}{v}'?)" if is_timm_model(v) else did_you_mean(v, TORCHVISION_ARCHS)
             raise ValueError(f"unknown arch '{v}'{hint} "
-                             f"(known: {', '.join(ARCHS)}, or timm/<name> for any timm model)")
+                             f"(known: {', '.join(TORCHVISION_ARCHS)}, or timm/<name> for any timm model)")
         return v
 
     @field_validator("groups")
     @classmethod
     def _groups_for_arch(cls, v: int, info) -> int:
-        from harness.engine.groups import TIMM_PREFIX
         arch = info.data.get("arch")
         if arch and not arch.startswith(TIMM_PREFIX) and v != 3:
             raise ValueError(f"{arch} has fastai's 3-group split; use arch {TIMM_PREFIX}{arch} for {v} groups")
         return v
 
 
-class OptimizerConfig(_Strict):
+class OptimizerConfig(StrictModel):
     weight_decay: Annotated[Num, Field(ge=0)] = 0.01
     eps: Positive = 1e-5
     sqr_mom: Fraction = 0.99
 
 
-class Recipe(_Strict):
+class Recipe(StrictModel):
     """One fine-tune, fully resolved: replaying it reproduces the run."""
     seed: Annotated[StrictInt, Field(ge=0)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -15,15 +15,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 
 from harness.errors import HarnessError
 from harness.engine.recipe import Recipe, config_hash, flatten
-
-if TYPE_CHECKING:
-    from harness.engine.train import Prepared
+from harness.engine.run_types import Prepared
 
 STAGE_FORMAT = "finetune-harness-stage/1"
 
@@ -77,7 +75,7 @@ def stage_path(workspace: str | Path, recipe: Recipe, k: int) -> Path:
 
 # --- capture and restore -------------------------------------------------------------------
 
-def capture(recipe: Recipe, k: int, run: "Prepared", counters: tuple[int, int],
+def capture(recipe: Recipe, k: int, run: Prepared, counters: tuple[int, int],
             history: dict[str, Any]) -> StageCheckpoint:
     """The run after its stage k: `counters` = (global step, epoch), `history` = Result.history()."""
     rng = {"cpu": torch.get_rng_state()}
@@ -88,7 +86,7 @@ def capture(recipe: Recipe, k: int, run: "Prepared", counters: tuple[int, int],
                            rng, run.device.type, counters[0], counters[1], history)
 
 
-def restore(ckpt: StageCheckpoint, run: "Prepared") -> None:
+def restore(ckpt: StageCheckpoint, run: Prepared) -> None:
     """Put a freshly prepared run in the checkpoint's state. The RNG states only carry over to
     the same device type; on another one the generator is re-seeded from the seed and stage
     (deterministic, but not the stream an uninterrupted run there would have drawn)."""

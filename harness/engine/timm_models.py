@@ -27,30 +27,13 @@ Heads:
 """
 from __future__ import annotations
 
-import difflib
-
 import torch
 from torch import nn
 
-from harness.engine.data import InputStats
+from harness.engine.archs import timm_name
+from harness.engine.groups import LayerGroups, Member, fastai_head, group_names, is_norm
+from harness.engine.input_stats import InputStats
 from harness.errors import HarnessError
-from harness.engine.groups import TIMM_PREFIX, LayerGroups, Member, fastai_head, group_names, is_norm
-
-
-def timm_name(arch: str) -> str:
-    return arch[len(TIMM_PREFIX):]
-
-
-def check_timm_arch(arch: str) -> None:
-    """An unknown timm name is a one-line error naming the closest ones."""
-    import timm
-    name = timm_name(arch)
-    base = name.split(".", 1)[0]
-    if name and timm.is_model(base):
-        return
-    close = difflib.get_close_matches(base, timm.list_models(), n=3, cutoff=0.5)
-    hint = f" (closest: {', '.join(TIMM_PREFIX + c for c in close)})" if close else ""
-    raise ValueError(f"unknown timm architecture '{name}'{hint}")
 
 
 def merge_blocks(n_blocks: int, n_groups: int) -> list[range]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -20,9 +19,11 @@ from harness.engine import data as data_mod
 from harness.engine import probe as probe_mod
 from harness import interrupts
 from harness.errors import HarnessError
-from harness.engine.groups import TIMM_PREFIX, LayerGroups, param_groups, set_trainable
+from harness.engine.archs import TIMM_PREFIX
+from harness.engine.groups import LayerGroups, param_groups, set_trainable
 from harness.engine.models import build_model
 from harness.engine.recipe import Recipe, Stage
+from harness.engine.run_types import EpochStats, Outcome, Prepared, Result
 from harness.engine.schedule import one_cycle_lr, one_cycle_mom
 from harness.engine.stages import StagePlan, capture, check_prefix, restore
 from harness.engine.step import Hyper, autocast, model_format, train_step
@@ -41,80 +42,6 @@ class NullTracker:
 
     def log_epoch(self, epoch: int, values: dict[str, float]) -> None:
         pass
-
-
-@dataclass
-class EpochStats:
-    epoch: int                  # 1-based, one axis across all stages
-    stage: int                  # 0-based
-    train_loss: float
-    val_loss: float | None
-    val_accuracy: float | None
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How a fine-tune ended: ok, diverged at step k, or out of memory at batch size B.
-    A divergence or an out-of-memory is a result of the trial (its LR, its batch size), not
-    an error: a sweep records it and goes on."""
-    kind: str = "ok"                   # ok | diverged | out_of_memory
-    step: int | None = None            # diverged: the global step (0-based) where it showed
-    batch_size: int | None = None      # out_of_memory
-    detail: str = ""                   # diverged: what was non-finite, when not the training loss
-
-    @property
-    def ok(self) -> bool:
-        return self.kind == "ok"
-
-    def __str__(self) -> str:
-        if self.kind == "diverged":
-            return f"diverged at step {self.step}" + (f" ({self.detail})" if self.detail else "")
-        if self.kind == "out_of_memory":
-            return f"out of memory at batch size {self.batch_size}"
-        return "ok"
-
-
-@dataclass
-class Result:
-    """What a fine-tune produced: per-epoch stats, test accuracy, the LR history."""
-    group_names: list[str]
-    outcome: Outcome = Outcome()
-    epochs: list[EpochStats] = field(default_factory=list)
-    test_accuracy: float | None = None
-    lrs: list[list[float]] = field(default_factory=list)     # [step][group], as the optimizer held them
-    moms: list[float] = field(default_factory=list)          # [step]
-    stage_starts: list[int] = field(default_factory=list)    # global step where each stage began
-    n_train: int = 0
-    class_names: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    model: LayerGroups | None = field(default=None, repr=False)
-    input_stats: data_mod.InputStats | None = None            # the mean/std the inputs were normalised with
-
-    @property
-    def ok(self) -> bool:
-        return self.outcome.ok
-
-    @property
-    def status(self) -> str:
-        """The outcome in words ("ok", "diverged at step 12", ...): the run's tag and reason."""
-        return str(self.outcome)
-
-    def history(self) -> dict:
-        """What a stage checkpoint keeps of the run so far (a continued run picks it up)."""
-        return {"epochs": [asdict(e) for e in self.epochs], "stage_starts": list(self.stage_starts),
-                "lrs": torch.tensor(self.lrs, dtype=torch.float64), "moms": torch.tensor(self.moms, dtype=torch.float64)}
-
-    def resume(self, history: dict) -> None:
-        """Continue from a stage checkpoint's history (floats kept exactly: float64 tensors)."""
-        self.epochs = [EpochStats(**e) for e in history["epochs"]]
-        self.stage_starts = list(history["stage_starts"])
-        self.lrs, self.moms = history["lrs"].tolist(), history["moms"].tolist()
-
-    @property
-    def val_accuracy(self) -> float | None:
-        """Val accuracy after the last epoch (the model that is kept)."""
-        return self.epochs[-1].val_accuracy if self.epochs else None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -151,18 +78,6 @@ def evaluate(model: nn.Module, split: data_mod.Split, batch_size: int, device: t
         correct += (out.argmax(1) == y).sum()
     model.train()
     return loss_sum.item() / n, correct.item() / n
-
-
-@dataclass
-class Prepared:
-    """Everything a loop over training batches needs, built the same way for every user."""
-    device: torch.device
-    dataset: data_mod.Dataset
-    train: data_mod.Split            # on the device
-    n_iter: int                      # optimizer steps per epoch
-    model: LayerGroups               # on the device, in train mode
-    generator: torch.Generator       # seeded, on the device: shuffling and augmentation
-    workspace: Path | None = None    # where a disk feature cache goes (harness/engine/probe.py)
 
 
 def prepare(recipe: Recipe, workspace: str | Path = "workspace", device: str | None = None) -> Prepared:

@@ -16,11 +16,11 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from harness.engine.data import InputStats
+from harness.engine.input_stats import InputStats
 from harness.engine.files import torch_save_atomic
 from harness.engine.models import build_model
 from harness.engine.recipe import Recipe
-from harness.engine.train import Result
+from harness.engine.run_types import Result
 
 FORMAT = "finetune-harness-kept/1"
 

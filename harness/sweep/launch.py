@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from harness.errors import HarnessError
-from harness.stores import Stores
 from harness.sweep.study import Selection, Study
+from harness.workspace import Stores
 
 
 class WorkersFailed(HarnessError):

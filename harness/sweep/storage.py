@@ -6,7 +6,7 @@
 - PostgreSQL (`postgresql://...`): many machines; trials keep a heartbeat and a trial
   whose worker went silent is failed after the grace period and run again.
 
-A spec is a URL, or a journal file's path (anything without "://"); harness/stores.py
+A spec is a URL, or a journal file's path (anything without "://"); harness/workspace.py
 works out which one a command uses.
 """
 from __future__ import annotations

@@ -9,25 +9,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import Field, StrictInt, ValidationError
 
 from harness.errors import HarnessError
 from harness.engine.recipe import Recipe, did_you_mean, format_validation_error, read_yaml
+from harness.engine.strict_model import StrictModel
 from harness.sweep.space import ParamSpec, Space, baseline, check_space, enforce_order, parse_param
 from harness.sweep.strategies import STRATEGIES, defaults, stages_for
 
 METRICS = {"val/accuracy": "maximize"}   # the final epoch's value; pruning reads it every epoch
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Budget(_Strict):
+class Budget(StrictModel):
     epochs: Annotated[StrictInt, Field(ge=1)]
 
 
-class CompareConfig(_Strict):
+class CompareConfig(StrictModel):
     seeds: Annotated[StrictInt, Field(ge=1)] = 3            # seeds per strategy; with --seeds auto, the first look
     max_seeds: Annotated[StrictInt, Field(ge=2)] | None = None   # --seeds auto adds seeds up to this many
     shift_root: str | None = None                           # a second test folder: one subfolder per class
@@ -56,7 +53,7 @@ class CompareConfig(_Strict):
         return p if p.is_absolute() or p.exists() else study_path.parent / p
 
 
-class StudyConfig(_Strict):
+class StudyConfig(StrictModel):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)]
     recipe: dict[str, Any] | str
     budget: Budget

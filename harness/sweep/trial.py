@@ -13,12 +13,12 @@ import optuna
 from harness import jobs
 from harness.engine.stages import StagePlan
 from harness.errors import HarnessError
-from harness.stores import Stores
 from harness.sweep.keep import keep_if_best
-from harness.sweep.ostudies import best_trial, count_trials
+from harness.sweep.optuna_studies import best_trial, count_trials
 from harness.sweep.space import suggest
 from harness.sweep.study import Study
 from harness.tracking import MlflowTracker, Tracking
+from harness.workspace import Stores
 
 
 def objective(study: Study, strategy: str, stores: Stores, parent_id: str,

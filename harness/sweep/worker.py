@@ -24,12 +24,12 @@ import optuna
 from optuna.trial import TrialState
 
 from harness import interrupts
-from harness.stores import Stores
 from harness.sweep import storage as st
-from harness.sweep.ostudies import PARENT_ATTR, RETRIES, count_trials, make_pruner, make_sampler, requeue
+from harness.sweep.optuna_studies import PARENT_ATTR, RETRIES, count_trials, make_pruner, make_sampler, requeue
 from harness.sweep.study import Selection, Study
 from harness.sweep.trial import Progress, objective, summarize_parent
 from harness.tracking import Tracking
+from harness.workspace import Stores
 
 POLL_S = 2.0
 WORKER_ATTR = "worker"

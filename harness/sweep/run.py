@@ -1,4 +1,5 @@
-"""Sweeps: one Optuna study per strategy, every trial a full fine-tune tracked in MLflow.
+"""Running a sweep (`run_sweep`: run or resume it; `check_stores` first): one Optuna study per
+strategy, every trial a full fine-tune tracked in MLflow.
 
 Layout in MLflow: experiment = study name; one parent run per strategy (reopened on
 resume); one nested child run per trial. In Optuna: study `<name>/<strategy>`; each trial
@@ -9,13 +10,13 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from harness.engine.train import check_inputs
-from harness.stores import Stores
 from harness.sweep import launch
 from harness.sweep import storage as st
-from harness.sweep.ostudies import count_trials
+from harness.sweep.optuna_studies import count_trials
 from harness.sweep.study import Selection, Study
 from harness.sweep.worker import Worker
 from harness.tracking import Tracking
+from harness.workspace import Stores
 
 
 def check_stores(study: Study, stores: Stores, selection: Selection, workers: int = 1) -> None:

@@ -1,4 +1,4 @@
-"""harness.stores: one command's workspace and stores, resolved once from options, then the
+"""harness.workspace: one command's workspace and stores, resolved once from options, then the
 environment, then the workspace; every command takes the same store options."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from harness.cli import main
 from harness.errors import HarnessError
-from harness.stores import Stores
+from harness.workspace import Stores
 
 STORE_OPTIONS = ("--workspace", "--storage", "--tracking-uri")
 

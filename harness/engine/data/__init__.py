@@ -1,0 +1,35 @@
+"""Datasets as uint8 tensors (Fashion-MNIST, image folders), seeded splits, and batches for the training loop.
+
+One module per concern, input to batch; the public names are re-exported here
+(`from harness.engine import data; data.load_dataset(...)`):
+
+- sources.py   the recipe's input as a `Source` (what the cache keys, how to decode it):
+  fashion.py   Fashion-MNIST's IDX files: found (root, workspace, system copy, download), read;
+  folders.py   image folders: scanned, fingerprinted, decoded once to one size; `load_folder`;
+- cache.py     the decoded dataset, kept in memory and in WORKSPACE/cache/;
+- splits.py    `Split` / `Dataset`, the class subset, the seeded train/val split, a carved test split;
+- load.py      `load_dataset`: all of the above, as a `Dataset` of CPU uint8 tensors;
+- resize.py    shorter side to the size, centre crop (when decoding, and per batch on the device);
+- batches.py   on-device batches: shuffled (`train_batches`, in the order of `train_indices`)
+               or in order (`eval_batches`), resized and normalised;
+- augment.py   augmentation of a batch on the device, from the run's generator.
+
+Where the data path grows: a new kind of input is a module beside fashion.py and folders.py
+plus a branch in sources.py; parallel decoding goes in folders.py's `decode_imagefolder`; another
+cache format in cache.py; a new augmentation in augment.py (called from `train_batches`).
+"""
+from __future__ import annotations
+
+from harness.engine.data.batches import (eval_batches, normalize, raw_images, steps_per_epoch, to_device,
+                                         train_batches, train_indices)
+from harness.engine.data.fashion import CLASS_NAMES_FASHION, SYSTEM_FASHION_DIR
+from harness.engine.data.folders import IMAGE_EXTENSIONS, folder_name, load_folder
+from harness.engine.data.load import class_names, load_dataset
+from harness.engine.data.splits import Dataset, Split
+from harness.engine.input_stats import InputStats
+
+__all__ = [
+    "CLASS_NAMES_FASHION", "IMAGE_EXTENSIONS", "SYSTEM_FASHION_DIR", "Dataset", "InputStats", "Split",
+    "class_names", "eval_batches", "folder_name", "load_dataset", "load_folder", "normalize", "raw_images",
+    "steps_per_epoch", "to_device", "train_batches", "train_indices",
+]

@@ -1,0 +1,96 @@
+"""Batches for the training loop, on the split's device: shuffled full batches with
+augmentation (`train_batches`), every example in order (`eval_batches`); each resized to the
+split's size and normalised with the weights' statistics."""
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+
+import torch
+
+from harness.engine.data.augment import crop_flip
+from harness.engine.data.resize import resize
+from harness.engine.data.splits import Split
+from harness.engine.input_stats import InputStats
+from harness.errors import HarnessError
+
+
+def to_device(split: Split, device: torch.device) -> Split:
+    """The same split with x (still uint8) and y on `device`."""
+    return Split(split.x.to(device), split.y.to(device), split.size)
+
+
+def normalize(x: torch.Tensor, stats: InputStats | None = None) -> torch.Tensor:
+    """uint8 [B,C,H,W] -> float32 [B,3,H,W]: scaled to [0,1], then the weights' mean/std
+    per channel (ImageNet's by default); grey is replicated to three channels."""
+    x = x.float().div_(255.0)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    stats = stats or InputStats()
+    mean, std = _mean_std(x.device, tuple(stats.mean), tuple(stats.std))
+    return (x - mean) / std
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_std(device: torch.device, mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    # made once per device: a host->device copy per batch would synchronise every CUDA step
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1),
+            torch.tensor(std, device=device).view(1, 3, 1, 1))
+
+
+def raw_images(split: Split, idx) -> torch.Tensor:
+    """Images `idx` of a split, resized to split.size on their device, still uint8."""
+    x = split.x[idx]
+    if split.size is not None and x.shape[-2:] != (split.size, split.size):
+        x = resize(x, split.size)
+    return x
+
+
+def _batch(split: Split, idx, stats: InputStats | None) -> torch.Tensor:
+    """Images `idx` of a split, resized to split.size on their device, normalised."""
+    return normalize(raw_images(split, idx), stats)
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Full batches in one epoch (the last partial batch is dropped)."""
+    _check_batch_size(batch_size)
+    return n_train // batch_size
+
+
+def train_indices(n: int, batch_size: int, generator: torch.Generator,
+                  device: torch.device) -> Iterator[torch.Tensor]:
+    """The indices of every full batch of one shuffled epoch of `n` examples: one randperm drawn
+    from `generator` on `device`, cut into `batch_size` slices (the last partial one dropped).
+    The one order of an epoch, for its images (`train_batches`) as for a probe's cached
+    features (harness/engine/probe.py): the generator's stream is the same by construction."""
+    _check_batch_size(batch_size)
+    order = torch.randperm(n, generator=generator, device=device)
+    for step in range(n // batch_size):
+        yield order[step * batch_size:(step + 1) * batch_size]
+
+
+def train_batches(
+    split: Split, batch_size: int, generator: torch.Generator, augment: bool,
+    stats: InputStats | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One shuffled epoch of full batches: (normalised float32 [B,3,H,W], int64 labels)."""
+    for idx in train_indices(len(split.y), batch_size, generator, split.x.device):
+        images = _batch(split, idx, stats)
+        if augment:
+            images = crop_flip(images, generator)
+        yield images, split.y[idx]
+
+
+def eval_batches(split: Split, batch_size: int,
+                 stats: InputStats | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every example once, in order, the last batch possibly partial; no augmentation."""
+    _check_batch_size(batch_size)
+    for start in range(0, len(split.y), batch_size):
+        rows = slice(start, start + batch_size)
+        yield _batch(split, rows, stats), split.y[rows]
+
+
+def _check_batch_size(batch_size: int) -> None:
+    """A batch size below 1 would loop forever or divide by zero."""
+    if batch_size < 1:
+        raise HarnessError(f"data.batch_size: must be >= 1, got {batch_size}")

@@ -11,7 +11,8 @@
   one the stopping rule used, and the family-wise error rate over every pair and every look
   stays at most alpha. It is conservative; it needs no assumption about how looks correlate.
 - From the leading pair's observed paired spread, the seeds that would separate it: the
-  smallest n whose t-test at the corrected level has 80 % power for the observed difference.
+  smallest n whose t-test at the corrected level has 80 % power for the observed difference
+  (the exact power: the t statistic's noncentral t distribution, two-sided).
 """
 from __future__ import annotations
 
@@ -85,10 +86,20 @@ def all_pairs(results: dict[str, Sequence[float]], looks: int = 1) -> list[PairT
     return pairs
 
 
-def seeds_to_separate(diffs: Sequence[float], level: float) -> int | None:
-    """Seeds a paired t-test at two-sided `level` needs for 80 % power, if the observed mean
-    difference and spread are the truth; None when the difference is 0 (no number will do)."""
+def paired_power(effect: float, n: int, level: float) -> float:
+    """The exact power of a two-sided paired t-test at `level` over `n` seeds when the true
+    mean difference is `effect` standard deviations of the differences: the statistic
+    follows a noncentral t with n - 1 degrees of freedom and noncentrality effect * sqrt(n)."""
     from scipy import stats
+    df, nc = n - 1, abs(effect) * math.sqrt(n)
+    crit = stats.t.ppf(1 - level / 2, df)
+    return float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc))
+
+
+def seeds_to_separate(diffs: Sequence[float], level: float) -> int | None:
+    """Seeds a paired t-test at two-sided `level` needs for 80 % power (exact: noncentral t),
+    if the observed mean difference and spread are the truth; None when the difference is 0
+    (no number will do)."""
     if len(diffs) < 2:
         return None
     mean, sd = abs(sum(diffs) / len(diffs)), _sd(diffs)
@@ -96,8 +107,7 @@ def seeds_to_separate(diffs: Sequence[float], level: float) -> int | None:
         return None
     if sd == 0:
         return 2
-    for n in range(2, MAX_SEEDS_ESTIMATE + 1):
-        df = n - 1
-        if (stats.t.ppf(1 - level / 2, df) + stats.t.ppf(POWER, df)) * sd / math.sqrt(n) <= mean:
+    for n in range(2, MAX_SEEDS_ESTIMATE + 1):   # the power grows with n: the first is the smallest
+        if paired_power(mean / sd, n, level) >= POWER:
             return n
     return MAX_SEEDS_ESTIMATE + 1

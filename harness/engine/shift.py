@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 
 from harness.engine import data as data_mod
-from harness.engine.step import autocast, model_format
+from harness.engine.step import score
 
 SEVERITIES: dict[str, tuple[float, ...]] = {
     "gaussian_noise": (0.08, 0.12, 0.18, 0.26, 0.38),
@@ -120,16 +120,7 @@ def corrupted_batches(split: data_mod.Split, corruption: Corruption, stats: data
             yield data_mod.normalize(images[b:b + batch_size], stats), labels[b:b + batch_size]
 
 
-@torch.inference_mode()
 def accuracy(model: torch.nn.Module, batches, device: torch.device) -> float | None:
-    """The model's accuracy over (inputs, labels) batches; None when there are none."""
-    was_training = model.training
-    model.eval()
-    correct, n = torch.zeros((), device=device, dtype=torch.long), 0
-    for x, y in batches:
-        with autocast(device):
-            out = model(model_format(x, device))
-        correct += (out.argmax(1) == y).sum()
-        n += len(y)
-    model.train(was_training)
-    return correct.item() / n if n else None
+    """The model's accuracy over (inputs, labels) batches (step.score); None when there are none."""
+    s = score(model, batches, device)
+    return None if s is None else s.accuracy

@@ -24,7 +24,7 @@ from harness.stores import Stores, optuna_spec
 from harness.sweep import storage as st
 from harness.errors import HarnessError
 from harness.sweep.launch import plan
-from harness.sweep.ostudies import RETRIES, requeue
+from harness.sweep.ostudies import RETRIES, enqueued_params, requeue
 from harness.sweep.worker import alive, worker_id
 from shipped import resolve_study, shrink
 
@@ -190,6 +190,31 @@ def test_requeue_copies_params_and_gives_up_after_retries():
     assert len(ostudy.trials) == RETRIES + 1
 
 
+def test_a_trial_lost_before_drawing_its_params_is_queued_with_the_ones_it_was_queued_with():
+    ostudy = optuna.create_study()
+    ostudy.enqueue_trial({"x": 0.25})
+    lost = ostudy.ask()                              # claimed, then lost before any suggest
+    ostudy.tell(lost, state=S.FAIL)
+    assert ostudy.trials[0].params == {} and requeue(ostudy, ostudy.trials[0])
+    retry = ostudy.trials[1]
+    assert retry.state == S.WAITING and enqueued_params(retry) == {"x": 0.25}
+    assert retry.user_attrs == {"retry_of": 0, "retry_history": [0]}
+
+
+def test_enqueued_params_reads_optunas_private_record_for_this_optuna_version():
+    """Optuna has no public reader for a queued trial's params: `enqueued_params` reads its
+    system attr "fixed_params". Written against optuna 5.0.0: on an upgrade, check that
+    Study.enqueue_trial still records them there, then move this pin."""
+    assert optuna.__version__ == "5.0.0", "optuna changed: re-check harness.sweep.ostudies.enqueued_params"
+    ostudy = optuna.create_study()
+    ostudy.enqueue_trial({"x": 0.5, "n": 3}, user_attrs={"note": "queued"})
+    (queued,) = ostudy.trials
+    assert enqueued_params(queued) == {"x": 0.5, "n": 3} and queued.user_attrs == {"note": "queued"}
+    ostudy.optimize(lambda t: t.suggest_float("x", 0, 1) + t.suggest_int("n", 1, 5), n_trials=2)
+    assert enqueued_params(ostudy.trials[0]) == {"x": 0.5, "n": 3}    # kept once it ran
+    assert enqueued_params(ostudy.trials[1]) == {}                      # sampled, not queued
+
+
 @pytest.mark.parametrize("run_status, expected", [
     ("RUNNING", "FAILED"),     # killed in the middle of the trial
     ("FINISHED", "FAILED"),    # killed after closing the run, before Optuna had the value
@@ -223,7 +248,7 @@ def test_a_lost_trials_run_is_failed_and_its_params_queued_again(tmp_path, run_s
 
     trials = ostudy.get_trials()
     assert trials[0].state == S.FAIL
-    assert [(t.state, t.user_attrs.get("retry_of"), t.system_attrs.get("fixed_params")) for t in trials[1:]] \
+    assert [(t.state, t.user_attrs.get("retry_of"), enqueued_params(t)) for t in trials[1:]] \
         == [(S.WAITING, 0, trials[0].params)]
     run = w.tracking.client.get_run(run_id)
     assert run.info.status == expected

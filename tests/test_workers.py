@@ -26,7 +26,7 @@ from harness.errors import HarnessError
 from harness.sweep.launch import plan
 from harness.sweep.ostudies import RETRIES, enqueued_params, requeue
 from harness.sweep.worker import alive, worker_id
-from shipped import resolve_study, shrink
+from shipped import REPO, resolve_study, shrink
 
 S = optuna.trial.TrialState
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -275,6 +275,45 @@ def test_a_first_ctrl_c_while_trials_run_waits_for_a_checkpoint(deferring):
                 interrupts.checkpoint()
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+FIRST_CTRL_C = "interrupted: stopping the running trial and closing the stores (Ctrl-C again to quit at once)"
+SECOND_CTRL_C = "interrupted again: exiting now"
+
+_WAITS_FOR_A_STORE = """
+import sys, time
+from harness import interrupts
+interrupts.install(lambda s: print(s, file=sys.stderr, flush=True))
+interrupts.on_second.append(lambda: print("hook: forwarded to the workers", file=sys.stderr, flush=True))
+with interrupts.deferred():
+    try:
+        print("ready", flush=True)
+        while True:          # a store call in flight: no checkpoint comes
+            time.sleep(0.01)
+    finally:
+        print("closed the stores", file=sys.stderr, flush=True)
+"""
+
+
+def test_a_second_ctrl_c_runs_the_hooks_says_so_and_exits_130_at_once():
+    """The first Ctrl-C waits for a checkpoint that does not come; the second runs the
+    on_second hooks (the supervisor forwards it to its workers), prints its own line and
+    exits 130 there and then: not even a `finally` runs (no clean stop)."""
+    p = subprocess.Popen([sys.executable, "-c", _WAITS_FOR_A_STORE], cwd=REPO, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == "ready\n"
+        p.send_signal(signal.SIGINT)
+        assert p.stderr.readline() == FIRST_CTRL_C + "\n"   # printed once the second handler is in place
+        assert p.poll() is None                              # the first only asked
+        p.send_signal(signal.SIGINT)
+        rest = p.stderr.read()
+        assert p.wait() == 130
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert rest == "hook: forwarded to the workers\n" + SECOND_CTRL_C + "\n"
 
 
 # --- crashes, for real ---------------------------------------------------------------------------
@@ -553,18 +592,44 @@ def test_ctrl_c_stops_the_trial_cleanly_and_the_sweep_resumes(tmp_path):
 @needs_fashion
 @pytest.mark.slow
 def test_a_second_ctrl_c_exits_at_once(tmp_path):
-    study = tiny_study(tmp_path / "study.yaml", "ctrl-c2", trials=2, epochs=3, per_class=48)
+    """A sweep is caught where the first Ctrl-C can only wait: between trials, waiting for
+    the study lock that this test holds. The second Ctrl-C exits 130 while the lock is still
+    held, with its own line and none of the clean stop's (the parent run is not closed); the
+    next run finishes the study."""
+    study = tiny_study(tmp_path / "study.yaml", "ctrl-c2", trials=2)
     ws = tmp_path / "ws"
-    spec = str(ws.resolve() / "optuna.journal")
+    spec, uri = local_stores(ws)
     sweep = Proc(["sweep", study, "--workspace", ws], tmp_path / "sweep.log")
     wait_until(running_trial_of(spec, "ctrl-c2/naive", sweep.p.pid), 240, "a running trial", sweep)
-    sweep.p.send_signal(signal.SIGINT)
-    time.sleep(0.05)
-    sweep.p.send_signal(signal.SIGINT)
-    started = time.monotonic()
-    assert sweep.wait(30) == 130, sweep.text
-    assert time.monotonic() - started < 5
-    assert "exiting now" in sweep.text or "interrupted" in sweep.text
+    with st.StudyLock(spec, "ctrl-c2/naive"):
+        waiting = waits_for_lock(sweep.p.pid, spec)
+        wait_until(waiting, 300, "the sweep waiting for the study lock", sweep)
+        sweep.p.send_signal(signal.SIGINT)
+        wait_until(lambda: FIRST_CTRL_C in sweep.text, 120, "the first Ctrl-C's line", sweep)
+        assert waiting() and sweep.p.poll() is None           # the first Ctrl-C only asked
+        sweep.p.send_signal(signal.SIGINT)
+        assert sweep.wait(300) == 130, sweep.text             # out with the lock still held here
+    lines = sweep.text.strip().splitlines()
+    assert lines[-1] == SECOND_CTRL_C and "Traceback" not in sweep.text, sweep.text
+    assert "interrupted" not in lines                         # the clean stop's last line
+    (parent,) = [r for r in mlflow_runs(uri, "ctrl-c2") if r.data.tags.get("harness.kind") == "sweep"]
+    assert parent.info.status == "RUNNING"                    # a clean stop would have closed it KILLED
     resumed = Proc(["sweep", study, "--workspace", ws], tmp_path / "resume.log")
     assert resumed.wait() == 0, resumed.text
     assert sum(x.state == S.COMPLETE for x in load(spec, "ctrl-c2/naive").get_trials()) == 2
+    assert all(r.info.status != "RUNNING" for r in mlflow_runs(uri, "ctrl-c2"))
+
+
+def waits_for_lock(pid: int, spec: str):
+    """Is process `pid` blocked on the study lock file beside `spec` (a waiter in /proc/locks)?"""
+    inode = str(os.stat(f"{st.local_file(spec)}.harness-lock").st_ino)
+
+    def waiting() -> bool:
+        for line in Path("/proc/locks").read_text().splitlines():
+            parts = line.split()
+            if "->" in parts:
+                kind, owner, where = parts[parts.index("->") + 1], parts[-4], parts[-3]
+                if kind == "FLOCK" and owner == str(pid) and where.rsplit(":", 1)[-1] == inode:
+                    return True
+        return False
+    return waiting

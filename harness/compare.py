@@ -327,8 +327,6 @@ def save_comparison(study: Study, cmp: Comparison, stores: Stores) -> Path:
     WORKSPACE/reports/<study>/ and log them, with one metric per strategy and seed (and per
     shift), to a `compare` run in the study's experiment; the winner's seed-0 model is
     logged there as an MLflow PyTorch model."""
-    import matplotlib.pyplot as plt
-
     from harness.report import compare_figure
     from harness.tracking import Tracking
 
@@ -355,5 +353,4 @@ def save_comparison(study: Study, cmp: Comparison, stores: Stores) -> Path:
         winner = cmp.rows[0]
         if winner.model is not None:
             run.log_model(winner.model, "model")
-    plt.close(fig)
     return out

@@ -139,16 +139,43 @@ def test_lost_store_names_a_store_that_stopped_answering_and_nothing_else():
     assert lost_store(chained(ValueError("bad"), KeyError("x"))) is None
 
 
+@pytest.mark.timeout(300)
 def test_study_lock_on_a_journal_file_is_exclusive(tmp_path):
     _assert_exclusive(lambda: st.StudyLock(str(tmp_path / "o.journal"), "s/naive"))
 
 
+@pytest.mark.timeout(300)
 def test_study_lock_on_postgres_is_exclusive_per_study(pg_url):
     _assert_exclusive(lambda: st.StudyLock(pg_url, "s/naive"))
     with st.StudyLock(pg_url, "s/naive"), st.StudyLock(pg_url, "s/head_only"):
         pass   # another study's lock is independent
 
 
+@pytest.mark.timeout(300)
+def test_a_hung_study_lock_fails_its_test_instead_of_hanging(tmp_path):
+    """What the timeout marks on the tests that wait on locks and workers buy (pytest-timeout):
+    a test stuck on a lock another process holds fails at its timeout, and the run goes on."""
+    spec = str(tmp_path / "o.journal")
+    hold = (f"from harness.sweep.storage import StudyLock; import time; StudyLock({spec!r}, 's/x').acquire(); "
+            "print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        (tmp_path / "test_hung.py").write_text(
+            "import pytest\nfrom harness.sweep.storage import StudyLock\n\n\n"
+            f"@pytest.mark.timeout(2)\ndef test_waits_for_the_lock():\n    StudyLock({spec!r}, 's/x').acquire()\n\n\n"
+            "def test_after_it():\n    pass\n")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_hung.py"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Timeout (>2.0s) from pytest-timeout" in res.stdout and "1 failed, 1 passed" in res.stdout, res.stdout
+
+
+@pytest.mark.timeout(300)
 def test_a_dead_processs_lock_is_released(tmp_path):
     spec = str(tmp_path / "o.journal")
     code = (f"from harness.sweep.storage import StudyLock; import os; StudyLock({spec!r}, 's/x').acquire(); "
@@ -220,6 +247,7 @@ def test_enqueued_params_reads_optunas_private_record_for_this_optuna_version():
     ("FINISHED", "FAILED"),    # killed after closing the run, before Optuna had the value
     ("KILLED", "KILLED"),      # already closed for another reason: left as it is
 ])
+@pytest.mark.timeout(300)
 def test_a_lost_trials_run_is_failed_and_its_params_queued_again(tmp_path, run_status, expected):
     """The worker's recovery, step by step on a journal: a RUNNING trial whose worker is dead
     ends FAIL, its MLflow run ends FAILED with the reason (even one its worker had already
@@ -295,6 +323,7 @@ with interrupts.deferred():
 """
 
 
+@pytest.mark.timeout(300)
 def test_a_second_ctrl_c_runs_the_hooks_says_so_and_exits_130_at_once():
     """The first Ctrl-C waits for a checkpoint that does not come; the second runs the
     on_second hooks (the supervisor forwards it to its workers), prints its own line and
@@ -433,6 +462,7 @@ def check_recovered(spec: str, uri: str, study: str, n: int, killed: optuna.tria
 
 @needs_fashion
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_sigkill_mid_trial_on_the_journal_then_restart(tmp_path):
     """One machine: a worker is SIGKILLed in a trial; the restarted worker fails it (its
     process is gone), runs it again and completes the study."""
@@ -455,6 +485,7 @@ def test_sigkill_mid_trial_on_the_journal_then_restart(tmp_path):
 
 @needs_fashion
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_sweep_with_two_workers_survives_one_killed(tmp_path):
     """`harness sweep --workers 2`: one worker is SIGKILLed mid-trial; the other notices,
     re-runs its trial and finishes the study; the sweep reports the death and exits 1."""
@@ -477,6 +508,7 @@ def test_sweep_with_two_workers_survives_one_killed(tmp_path):
 
 @needs_fashion
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_sigkill_on_postgres_is_caught_by_heartbeat(tmp_path, pg_url, mlflow_server):
     """Many machines: two workers on PostgreSQL and an MLflow server; one is SIGKILLed in a
     trial. The other sees its heartbeat stop, fails the trial, re-runs it and completes the
@@ -525,6 +557,7 @@ def check_lost_store_then_resume(proc: Proc, study: Path, spec: str, victim: opt
 
 @needs_fashion
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_a_tracking_server_lost_mid_trial_is_one_line_and_the_sweep_resumes(tmp_path):
     """The MLflow server stops in the middle of a trial: the worker ends with one line (no
     traceback) and exit 2; the sweep, run again (here on the local store), completes."""
@@ -543,6 +576,7 @@ def test_a_tracking_server_lost_mid_trial_is_one_line_and_the_sweep_resumes(tmp_
 
 @needs_fashion
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_a_database_lost_mid_trial_is_one_line_and_the_sweep_resumes(tmp_path, pg_url):
     """PostgreSQL refuses connections in the middle of a trial (the open ones cut): the
     worker ends with one line and exit 2; once the database is back, the sweep completes."""
@@ -563,6 +597,7 @@ def test_a_database_lost_mid_trial_is_one_line_and_the_sweep_resumes(tmp_path, p
 
 @needs_fashion
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_ctrl_c_stops_the_trial_cleanly_and_the_sweep_resumes(tmp_path):
     study = tiny_study(tmp_path / "study.yaml", "ctrl-c", trials=3)
     ws = tmp_path / "ws"
@@ -591,6 +626,7 @@ def test_ctrl_c_stops_the_trial_cleanly_and_the_sweep_resumes(tmp_path):
 
 @needs_fashion
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_a_second_ctrl_c_exits_at_once(tmp_path):
     """A sweep is caught where the first Ctrl-C can only wait: between trials, waiting for
     the study lock that this test holds. The second Ctrl-C exits 130 while the lock is still

@@ -106,6 +106,10 @@ def main() -> None:
     import optuna
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # the commands write pictures to files and MLflow, never to a screen: the library leaves
+    # the backend alone (a notebook keeps its inline plots), the command line picks Agg
+    import matplotlib
+    matplotlib.use("Agg")
     _one_line_thread_errors()
 
 

@@ -8,7 +8,7 @@ train the recipe from scratch with their seed.
 """
 from __future__ import annotations
 
-import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -88,25 +88,22 @@ class StrategyResult:
 
     @property
     def mean(self) -> float:
-        return sum(self.test) / len(self.test)
+        return statistics.fmean(self.test)
 
     @property
     def std(self) -> float:
-        if len(self.test) < 2:
-            return 0.0
-        m = self.mean
-        return math.sqrt(sum((x - m) ** 2 for x in self.test) / (len(self.test) - 1))
+        return statistics.stdev(self.test) if len(self.test) >= 2 else 0.0
 
     def ci95(self) -> tuple[float, float]:
+        """The mean's 95 % t interval over the seeds (scipy's)."""
         from scipy import stats as sstats
         if len(self.test) < 2 or self.std == 0:
             return self.mean, self.mean
-        half = sstats.t.ppf(0.975, len(self.test) - 1) * self.std / math.sqrt(len(self.test))
-        return self.mean - half, self.mean + half
+        lo, hi = sstats.ttest_1samp(self.test, 0.0).confidence_interval(0.95)
+        return float(lo), float(hi)
 
     def shift_mean(self, label: str) -> float:
-        values = self.shift[label]
-        return sum(values) / len(values)
+        return statistics.fmean(self.shift[label])
 
 
 @dataclass
@@ -330,8 +327,6 @@ def save_comparison(study: Study, cmp: Comparison, stores: Stores) -> Path:
     WORKSPACE/reports/<study>/ and log them, with one metric per strategy and seed (and per
     shift), to a `compare` run in the study's experiment; the winner's seed-0 model is
     logged there as an MLflow PyTorch model."""
-    import matplotlib.pyplot as plt
-
     from harness.report import compare_figure
     from harness.tracking import Tracking
 
@@ -358,5 +353,4 @@ def save_comparison(study: Study, cmp: Comparison, stores: Stores) -> Path:
         winner = cmp.rows[0]
         if winner.model is not None:
             run.log_model(winner.model, "model")
-    plt.close(fig)
     return out

@@ -30,7 +30,7 @@ def tracked_fine_tune(recipe: Recipe, tracker: MlflowTracker, workspace: str | P
     run ends FAILED with its reason."""
     import torch
 
-    from harness.report import lr_figure, plt
+    from harness.report import lr_figure
 
     tracker.log_params(flatten(recipe.to_dict()))
     # exact CPU replays need the same torch build and thread count: record them
@@ -43,9 +43,7 @@ def tracked_fine_tune(recipe: Recipe, tracker: MlflowTracker, workspace: str | P
     if result.input_stats is not None:   # what the inputs were normalised with (the weights' own)
         tracker.log_params({"input.mean": list(result.input_stats.mean), "input.std": list(result.input_stats.std)})
     if result.lrs:
-        fig = lr_figure(result, trainable=recipe)
-        tracker.log_figure(fig, "lr_schedule.png")
-        plt.close(fig)
+        tracker.log_figure(lr_figure(result, trainable=recipe), "lr_schedule.png")
     if not result.ok:
         tracker.end_as("FAILED", result.status)
     return result
@@ -106,7 +104,7 @@ def lr_find(recipe: Recipe, stores: Stores, plot: str | Path, stage: int | str =
     """`harness lr-find [--stage K|all]`: the range test on each chosen stage, logged as one
     MLflow run, with the plot saved (--stage all: every stage side by side). The stages
     before them are loaded or trained first, so a failure there records nothing."""
-    from harness.report import lr_find_figure, lr_find_stages_figure, plt
+    from harness.report import lr_find_figure, lr_find_stages_figure
 
     ws = stores.workspace
     stages = chosen_stages(recipe, stage)
@@ -121,12 +119,11 @@ def lr_find(recipe: Recipe, stores: Stores, plot: str | Path, stage: int | str =
         else:
             for r in results:
                 log_lr_find(tracker, r, f"stage{r.stage}/")
-            _log_figure(tracker, lr_find_stages_figure(results), "lr_find_stages.png")
+            tracker.log_figure(lr_find_stages_figure(results), "lr_find_stages.png")
     plot = Path(plot)
     plot.parent.mkdir(parents=True, exist_ok=True)
     fig = lr_find_figure(results[0]) if len(results) == 1 else lr_find_stages_figure(results)
     fig.savefig(plot, dpi=110)
-    plt.close(fig)
     return results
 
 
@@ -151,12 +148,4 @@ def log_lr_find(tracker: Any, result: LRFindResult, scope: str = "") -> None:
         params[f"lr_find.{p}start"] = result.start
     tracker.log_params(params)
     if not scope:
-        _log_figure(tracker, lr_find_figure(result), "lr_find.png")
-
-
-def _log_figure(tracker: Any, fig, name: str) -> None:
-    import matplotlib.pyplot as plt
-    try:
-        tracker.log_figure(fig, name)
-    finally:
-        plt.close(fig)
+        tracker.log_figure(lr_find_figure(result), "lr_find.png")

@@ -1,10 +1,14 @@
-"""Pictures and tables people look at: LR curves per layer group, summaries."""
+"""Pictures and tables people look at: LR curves per layer group, summaries.
+
+The pictures are matplotlib Figure objects, made without pyplot: they need no backend (a
+file, an MLflow artifact, or a notebook's inline display alike) and no closing. Only
+Optuna's own plots (`optuna_figures`) go through pyplot. The CLI picks the Agg backend for
+its commands (harness/cli.py); importing this module changes nothing.
+"""
 from __future__ import annotations
 
 import matplotlib
-
-matplotlib.use("Agg")  # files only; no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 
 FROZEN_STYLE = {"linestyle": ":", "color": "0.45", "linewidth": 1.2, "zorder": 3}   # a frozen group's LR, drawn over a training one it may coincide with
@@ -100,12 +104,12 @@ def lr_legend(ax, group_names, frozen: bool, frozen_throughout=(), **kwargs) -> 
     ax.legend(handles=handles, title="layer group", **kwargs)
 
 
-def lr_figure(result, title: str = "", trainable=None) -> plt.Figure:
+def lr_figure(result, title: str = "", trainable=None) -> Figure:
     """LR of every layer group (log scale) and momentum per step, stage boundaries dashed.
     `trainable` (a Recipe, its stages, or trainable-group counts per stage) draws the steps
     where a group is frozen as a thin dotted grey line."""
-    fig, (ax_lr, ax_mom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True,
-                                        gridspec_kw={"height_ratios": [3, 1]})
+    fig = Figure(figsize=(9, 6))
+    ax_lr, ax_mom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     frozen = lr_panel(ax_lr, result, trainable)
     # beside the curves, not on them: a schedule's curves cover every corner of the axes
     lr_legend(ax_lr, result.group_names, frozen, never_trained(result, trainable),
@@ -138,9 +142,10 @@ def summary_table(result) -> str:
     return "\n".join(rows)
 
 
-def optuna_figures(ostudy) -> list[tuple[str, plt.Figure]]:
+def optuna_figures(ostudy) -> list[tuple[str, Figure]]:
     """Optuna's optimisation history, parameter importances and parallel coordinates, as
-    matplotlib figures; a plot that needs more completed trials than exist is left out."""
+    matplotlib figures; a plot that needs more completed trials than exist is left out.
+    Optuna draws them with pyplot: close them (`plt.close(fig)`) when done."""
     import warnings
 
     import optuna
@@ -170,14 +175,14 @@ def optuna_figures(ostudy) -> list[tuple[str, plt.Figure]]:
     return out
 
 
-def compare_figure(cmp) -> plt.Figure:
+def compare_figure(cmp) -> Figure:
     """Test accuracy per strategy (every seed a dot, mean and 95% interval), beside it (when
     the study names shifts) the accuracy under each shift, above the LR curves of each
     strategy's best recipe."""
     n = len(cmp.rows)
     shifts = bool(cmp.rows[0].shift)
     cols = max(n, 2) if shifts else n
-    fig = plt.figure(figsize=(max(8 if not shifts else 11, 3.2 * cols), 7.5))
+    fig = Figure(figsize=(max(8 if not shifts else 11, 3.2 * cols), 7.5))
     grid = fig.add_gridspec(2, cols, height_ratios=[1.2, 1])
     split = max(1, cols // 2 + cols % 2) if shifts else cols
     ax = fig.add_subplot(grid[0, :split])
@@ -266,18 +271,20 @@ def lr_find_panel(ax, result, title: str = "") -> None:
     ax.set_title(title or f"LR finder: {n} steps{suffix}")
 
 
-def lr_find_figure(result, title: str = "") -> plt.Figure:
+def lr_find_figure(result, title: str = "") -> Figure:
     """One stage's LR-finder curve, its suggestions labelled points on it."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     lr_find_panel(ax, result, title)
     fig.tight_layout()
     return fig
 
 
-def lr_find_stages_figure(results) -> plt.Figure:
+def lr_find_stages_figure(results) -> Figure:
     """Every stage's LR-finder curve side by side on one LR axis, its valley a dotted line
     across all panels: where the unfrozen model wants its LR against the head-only stage."""
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.5), sharex=True, squeeze=False)
+    fig = Figure(figsize=(5 * len(results), 4.5))
+    axes = fig.subplots(1, len(results), sharex=True, squeeze=False)
     for ax, r in zip(axes[0], results):
         early = ", stopped early" if r.stopped_early else ""
         lr_find_panel(ax, r, f"stage {r.stage}: trains {r.train} ({len(r.lrs)} steps{early})")

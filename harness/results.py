@@ -7,6 +7,7 @@ from typing import Any
 import optuna
 import yaml
 
+from harness.engine.files import write_text_atomic
 from harness.engine.recipe import Recipe
 from harness.errors import HarnessError
 from harness.sweep.optuna_studies import best_trial, count_trials, load_ostudy
@@ -79,12 +80,9 @@ def export_best(study: Study, stores: Stores, strategy: str | None = None,
     strategy, trial = best_of(study, stores, strategy)
     recipe = trial_recipe(trial)
     path = Path(output) if output else stores.export(study.name, strategy)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = (f"# Best recipe of study '{study.name}', strategy {strategy}, trial {trial.number}: "
               f"{study.config.metric} = {trial.value:.6f}\n"
               f"# hyperparameters: {', '.join(f'{k}={v}' for k, v in trial.params.items())}\n"
               f"# replay: harness train {path}\n")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(header + recipe.to_yaml())
-    tmp.replace(path)
+    write_text_atomic(path, header + recipe.to_yaml())
     return path, strategy, trial

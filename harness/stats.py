@@ -11,11 +11,14 @@
   one the stopping rule used, and the family-wise error rate over every pair and every look
   stays at most alpha. It is conservative; it needs no assumption about how looks correlate.
 - From the leading pair's observed paired spread, the seeds that would separate it: the
-  smallest n whose t-test at the corrected level has 80 % power for the observed difference.
+  smallest n whose t-test at the corrected level has 80 % power for the observed difference
+  (the exact power: the t statistic's noncentral t distribution, two-sided).
 """
 from __future__ import annotations
 
 import math
+import statistics
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -39,26 +42,21 @@ class PairTest:
         return self.p_adjusted is not None and self.p_adjusted < ALPHA
 
 
-def _sd(xs: Sequence[float]) -> float:
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-
-
 def paired_test(a: str, xa: Sequence[float], b: str, xb: Sequence[float]) -> PairTest:
-    """Paired t-test of a against b over the seeds both have."""
+    """Paired t-test of a against b over the seeds both have (scipy's, on the differences)."""
     from scipy import stats
     n = min(len(xa), len(xb))
     diffs = [x - y for x, y in zip(xa[:n], xb[:n])]
-    mean = sum(diffs) / n if n else 0.0
+    mean = statistics.fmean(diffs) if n else 0.0
     if n < 2:
         return PairTest(a, b, n, mean, (mean, mean), None)
-    sd = _sd(diffs)
-    if sd == 0:   # every seed gave the same difference: certain, or no difference at all
+    if statistics.stdev(diffs) == 0:   # every seed gave the same difference: certain, or no difference at all
         return PairTest(a, b, n, mean, (mean, mean), 1.0 if mean == 0 else 0.0)
-    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
-    t = mean / (sd / math.sqrt(n))
-    p = float(2 * stats.t.sf(abs(t), n - 1))
-    return PairTest(a, b, n, mean, (float(mean - half), float(mean + half)), p)
+    with warnings.catch_warnings():   # differences equal but for float rounding: a precision warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = stats.ttest_1samp(diffs, 0.0)
+    lo, hi = res.confidence_interval(0.95)
+    return PairTest(a, b, n, mean, (float(lo), float(hi)), float(res.pvalue))
 
 
 def holm(ps: Sequence[float]) -> list[float]:
@@ -85,19 +83,28 @@ def all_pairs(results: dict[str, Sequence[float]], looks: int = 1) -> list[PairT
     return pairs
 
 
-def seeds_to_separate(diffs: Sequence[float], level: float) -> int | None:
-    """Seeds a paired t-test at two-sided `level` needs for 80 % power, if the observed mean
-    difference and spread are the truth; None when the difference is 0 (no number will do)."""
+def paired_power(effect: float, n: int, level: float) -> float:
+    """The exact power of a two-sided paired t-test at `level` over `n` seeds when the true
+    mean difference is `effect` standard deviations of the differences: the statistic
+    follows a noncentral t with n - 1 degrees of freedom and noncentrality effect * sqrt(n)."""
     from scipy import stats
+    df, nc = n - 1, abs(effect) * math.sqrt(n)
+    crit = stats.t.ppf(1 - level / 2, df)
+    return float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc))
+
+
+def seeds_to_separate(diffs: Sequence[float], level: float) -> int | None:
+    """Seeds a paired t-test at two-sided `level` needs for 80 % power (exact: noncentral t),
+    if the observed mean difference and spread are the truth; None when the difference is 0
+    (no number will do)."""
     if len(diffs) < 2:
         return None
-    mean, sd = abs(sum(diffs) / len(diffs)), _sd(diffs)
+    mean, sd = abs(statistics.fmean(diffs)), statistics.stdev(diffs)
     if mean == 0:
         return None
     if sd == 0:
         return 2
-    for n in range(2, MAX_SEEDS_ESTIMATE + 1):
-        df = n - 1
-        if (stats.t.ppf(1 - level / 2, df) + stats.t.ppf(POWER, df)) * sd / math.sqrt(n) <= mean:
+    for n in range(2, MAX_SEEDS_ESTIMATE + 1):   # the power grows with n: the first is the smallest
+        if paired_power(mean / sd, n, level) >= POWER:
             return n
     return MAX_SEEDS_ESTIMATE + 1

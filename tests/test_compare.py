@@ -63,21 +63,31 @@ def test_all_pairs_are_holm_adjusted_then_multiplied_by_the_looks():
     assert [t.p_adjusted for t in four] == pytest.approx([min(1.0, 4 * p) for p in stats.holm(raw)])
 
 
-def test_seeds_to_separate_is_the_smallest_n_with_80_percent_power():
+def _exact_power(effect, n, level):
+    """A two-sided paired t-test's power: the noncentral t with df n - 1, nc effect * sqrt(n)."""
+    df, nc = n - 1, effect * math.sqrt(n)
+    crit = sstats.t.ppf(1 - level / 2, df)
+    return sstats.nct.sf(crit, df, nc) + sstats.nct.cdf(-crit, df, nc)
+
+
+@pytest.mark.parametrize("effect, level", [(3.0, 0.05 / 3), (3.0, 0.05), (1.0, 0.05), (1.0, 0.05 / 6),
+                                           (0.5, 0.05), (2.0, 0.01), (0.3, 0.05 / 3)])
+def test_seeds_to_separate_is_the_smallest_n_with_80_percent_exact_power(effect, level):
+    """80 % power at the returned n and not at n - 1, computed exactly (noncentral t): the
+    t-quantile approximation gave n = 4 for effect size 3 at 0.05/3, whose power is 0.77."""
+    diffs = [effect - 1, effect, effect + 1]               # mean `effect`, standard deviation 1
+    n = stats.seeds_to_separate(diffs, level)
+    assert _exact_power(effect, n, level) >= 0.8
+    assert n == 2 or _exact_power(effect, n - 1, level) < 0.8
+    assert stats.paired_power(effect, n, level) == pytest.approx(_exact_power(effect, n, level), rel=1e-12)
+
+
+def test_seeds_to_separate_grows_with_a_stricter_level_and_knows_no_difference():
     diffs = [0.02, -0.01, 0.03, 0.01, 0.0]
     n = stats.seeds_to_separate(diffs, 0.05)
-    mean, sd = abs(sum(diffs) / 5), statistics_sd(diffs)
-
-    def enough(k):
-        return (sstats.t.ppf(0.975, k - 1) + sstats.t.ppf(0.8, k - 1)) * sd / math.sqrt(k) <= mean
-    assert enough(n) and not enough(n - 1)
     assert stats.seeds_to_separate(diffs, 0.05 / 3) > n            # a stricter level needs more
     assert stats.seeds_to_separate([0.01, -0.01], 0.05) is None    # no difference: no number will do
-
-
-def statistics_sd(xs):
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    assert stats.seeds_to_separate([0.01, 0.01], 0.05) == 2        # the same lead every seed
 
 
 def _auto(rng, first, most, looks, effect=0.0):

@@ -30,6 +30,7 @@ def load_test_module():
 
 @needs_fashion
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_four_workers_share_a_study_on_postgres(tmp_path, pg_url, mlflow_server):
     lt = load_test_module()
     workers, per_worker = 4, 12
@@ -68,6 +69,7 @@ def _open_storage_at_once(url: str, k: int) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_workers_started_together_on_an_empty_database_all_open_it():
     """The race the load test hits at start-up, on its own: Optuna's RDBStorage creates its
     tables, enum types and alembic_version row on first open; several processes doing so at

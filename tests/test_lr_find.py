@@ -232,8 +232,6 @@ def test_figure_is_a_png_with_every_suggestion(run30, tmp_path):
     assert [l.split(":")[0] for l in labels] == ["valley", "steep", "minimum"]
     path = tmp_path / "lr_find.png"
     fig.savefig(path)
-    import matplotlib.pyplot as plt
-    plt.close(fig)
     assert path.read_bytes()[:8] == PNG_MAGIC
 
 

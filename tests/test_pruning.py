@@ -257,3 +257,10 @@ def test_spearman():
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833)   # ties: average ranks
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    assert math.isnan(spearman([1], [2]))
+
+
+def test_peer_quantile_interpolates_linearly():
+    from harness.sweep.pruning import _quantile
+    assert _quantile([4, 1, 3, 2], 0.5) == 2.5 and _quantile([1, 2, 3, 4], 0.25) == 1.75
+    assert _quantile([0.7], 0.9) == 0.7 and _quantile([0.2, 0.6], 0.75) == pytest.approx(0.5)

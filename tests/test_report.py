@@ -139,3 +139,37 @@ def test_lr_figure_of_a_body_frozen_throughout_names_it_once():
         assert texts == ["head", f"{FROZEN_LABEL}\nearly, late: throughout", FROZEN_SPAN_LABEL]   # no colour for a group never drawn in it
     finally:
         plt.close(fig)
+
+
+# --- the backend: the library leaves it alone, the command line picks Agg ---------------------
+
+def _backend_after(code: str) -> list[str]:
+    """Run `code` in a fresh interpreter whose backend is svg (a notebook's inline backend
+    would do the same); its printed lines."""
+    import subprocess
+    import sys
+
+    from shipped import REPO
+    prelude = "import matplotlib, sys\nmatplotlib.use('svg')\n"
+    out = subprocess.run([sys.executable, "-c", prelude + code], cwd=REPO, capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def test_importing_the_report_module_leaves_the_backend_alone():
+    assert _backend_after("import harness.report\nprint(matplotlib.get_backend())\n"
+                          "print('matplotlib.pyplot' in sys.modules)") == ["svg", "False"]
+
+
+def test_figures_are_drawn_and_saved_without_pyplot(tmp_path):
+    from matplotlib.figure import Figure
+    fig = lr_figure(SimpleNamespace(group_names=["body", "head"], lrs=[[1e-4, 1e-3]] * 4, moms=[0.9] * 4,
+                                    stage_starts=[0]))
+    assert isinstance(fig, Figure) and fig not in [plt.figure(n) for n in plt.get_fignums()]
+    fig.savefig(tmp_path / "lr.png")
+    assert (tmp_path / "lr.png").stat().st_size > 1000
+
+
+def test_the_command_line_draws_with_agg():
+    code = ("from click.testing import CliRunner\nfrom harness.cli import main\n"
+            "CliRunner().invoke(main, ['sweep'])\nprint(matplotlib.get_backend().lower())")
+    assert _backend_after(code) == ["agg"]

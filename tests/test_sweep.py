@@ -210,6 +210,7 @@ def test_unknown_strategy_option_is_one_line_exit_2(tmp_path):
 
 @needs_fashion
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_one_optuna_study_per_strategy_with_complete_trials(swept):
     summaries = optuna.get_all_study_summaries(swept.storage)
     assert sorted(s.study_name for s in summaries) == ["tiny-sweep/naive", "tiny-sweep/two_phase"]
@@ -233,6 +234,7 @@ def test_one_optuna_study_per_strategy_with_complete_trials(swept):
 
 @needs_fashion
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_trial_0_is_the_published_default_clipped(swept):
     for strategy, expected in FIRST_TRIALS.items():
         first = swept.ostudy(strategy).get_trials()[0]
@@ -244,6 +246,7 @@ def test_trial_0_is_the_published_default_clipped(swept):
 
 @needs_fashion
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_mlflow_one_parent_per_strategy_and_a_child_per_trial(swept):
     client = client_for(swept.tracking)
     parents = swept.parents()
@@ -285,6 +288,7 @@ def test_mlflow_one_parent_per_strategy_and_a_child_per_trial(swept):
 
 @needs_fashion
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_mlflow_parent_has_the_best_trial_its_recipe_the_table_and_plots(swept, tmp_path):
     client = client_for(swept.tracking)
     for strategy, parent in swept.parents().items():
@@ -315,6 +319,7 @@ def test_mlflow_parent_has_the_best_trial_its_recipe_the_table_and_plots(swept, 
 
 @needs_fashion
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_running_again_adds_only_the_missing_trials(swept, tmp_path):
     sw = copy_sweep(swept, tmp_path / "copy")
     parents_before = {s: r.info.run_id for s, r in sw.parents().items()}
@@ -379,6 +384,7 @@ def test_count_trials_sorts_every_state():
 
 
 @needs_fashion
+@pytest.mark.timeout(600)
 def test_a_diverged_trial_is_failed_with_its_reason_and_the_sweep_goes_on(tmp_path, tmp_path_factory, workspace):
     # lr 1e8: the training loss is NaN within the first epoch
     sw = diverging_sweep(tmp_path, tmp_path_factory, workspace, 1e8, trials=2)
@@ -403,6 +409,7 @@ def test_a_diverged_trial_is_failed_with_its_reason_and_the_sweep_goes_on(tmp_pa
 
 
 @needs_fashion
+@pytest.mark.timeout(600)
 def test_a_trial_out_of_memory_fails_with_its_batch_size_and_the_sweep_goes_on(tmp_path, tmp_path_factory,
                                                                               workspace, monkeypatch):
     real, calls = torch.nn.functional.cross_entropy, []
@@ -432,6 +439,7 @@ def test_a_trial_out_of_memory_fails_with_its_batch_size_and_the_sweep_goes_on(t
 
 
 @needs_fashion
+@pytest.mark.timeout(600)
 def test_a_trial_at_lr_1e3_is_recorded_as_diverged(tmp_path, tmp_path_factory, workspace):
     sw = diverging_sweep(tmp_path, tmp_path_factory, workspace, 1e3, trials=1)
     (t,) = sw.ostudy("naive").get_trials()
@@ -461,6 +469,7 @@ def fake_fine_tune(values_per_trial: list[float], calls: list):
     return fake
 
 
+@pytest.mark.timeout(600)
 def test_median_pruner_prunes_a_trial_below_the_median(tmp_path, tmp_path_factory, monkeypatch):
     import harness.jobs
     from harness.sweep.run import run_sweep
@@ -496,6 +505,7 @@ def test_median_pruner_prunes_a_trial_below_the_median(tmp_path, tmp_path_factor
 
 
 @pytest.mark.parametrize("strategy, pruned", [("two_phase", True), ("naive", False)])
+@pytest.mark.timeout(600)
 def test_layout_pruner_prunes_at_the_end_of_the_frozen_stage_and_never_a_single_stage(
         tmp_path, tmp_path_factory, monkeypatch, strategy, pruned):
     """`pruner: layout`: each trial records its stage layout and val image count; a two_phase
@@ -527,6 +537,7 @@ def test_layout_pruner_prunes_at_the_end_of_the_frozen_stage_and_never_a_single_
 
 @needs_fashion
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_export_then_train_replays_the_best_trial_exactly(swept, tmp_path):
     out_file = tmp_path / "best.yaml"
     res = invoke(["export", swept.path, "-o", out_file, *swept.opts(tracking=False)])
@@ -561,6 +572,7 @@ def test_export_then_train_replays_the_best_trial_exactly(swept, tmp_path):
 
 @needs_fashion
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_export_of_an_unknown_strategy_or_an_empty_study_is_one_line(swept, tmp_path):
     res = CliRunner().invoke(main, ["export", str(swept.path), "--strategy", "gradual",
                                     *swept.opts(tracking=False)])
@@ -571,6 +583,7 @@ def test_export_of_an_unknown_strategy_or_an_empty_study_is_one_line(swept, tmp_
     assert len(res.output.strip().splitlines()) == 1
 
 
+@pytest.mark.timeout(600)
 def test_a_crashed_first_trial_is_run_again_with_the_defaults_on_resume(tmp_path, tmp_path_factory,
                                                                          monkeypatch):
     """A crash (not a divergence) in the enqueued default trial stops the sweep; the next

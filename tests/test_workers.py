@@ -24,9 +24,9 @@ from harness.workspace import Stores, optuna_spec
 from harness.sweep import storage as st
 from harness.errors import HarnessError
 from harness.sweep.launch import plan
-from harness.sweep.optuna_studies import RETRIES, requeue
+from harness.sweep.optuna_studies import RETRIES, enqueued_params, requeue
 from harness.sweep.worker import alive, worker_id
-from shipped import resolve_study, shrink
+from shipped import REPO, resolve_study, shrink
 
 S = optuna.trial.TrialState
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -139,16 +139,43 @@ def test_lost_store_names_a_store_that_stopped_answering_and_nothing_else():
     assert lost_store(chained(ValueError("bad"), KeyError("x"))) is None
 
 
+@pytest.mark.timeout(300)
 def test_study_lock_on_a_journal_file_is_exclusive(tmp_path):
     _assert_exclusive(lambda: st.StudyLock(str(tmp_path / "o.journal"), "s/naive"))
 
 
+@pytest.mark.timeout(300)
 def test_study_lock_on_postgres_is_exclusive_per_study(pg_url):
     _assert_exclusive(lambda: st.StudyLock(pg_url, "s/naive"))
     with st.StudyLock(pg_url, "s/naive"), st.StudyLock(pg_url, "s/head_only"):
         pass   # another study's lock is independent
 
 
+@pytest.mark.timeout(300)
+def test_a_hung_study_lock_fails_its_test_instead_of_hanging(tmp_path):
+    """What the timeout marks on the tests that wait on locks and workers buy (pytest-timeout):
+    a test stuck on a lock another process holds fails at its timeout, and the run goes on."""
+    spec = str(tmp_path / "o.journal")
+    hold = (f"from harness.sweep.storage import StudyLock; import time; StudyLock({spec!r}, 's/x').acquire(); "
+            "print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        (tmp_path / "test_hung.py").write_text(
+            "import pytest\nfrom harness.sweep.storage import StudyLock\n\n\n"
+            f"@pytest.mark.timeout(2)\ndef test_waits_for_the_lock():\n    StudyLock({spec!r}, 's/x').acquire()\n\n\n"
+            "def test_after_it():\n    pass\n")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_hung.py"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Timeout (>2.0s) from pytest-timeout" in res.stdout and "1 failed, 1 passed" in res.stdout, res.stdout
+
+
+@pytest.mark.timeout(300)
 def test_a_dead_processs_lock_is_released(tmp_path):
     spec = str(tmp_path / "o.journal")
     code = (f"from harness.sweep.storage import StudyLock; import os; StudyLock({spec!r}, 's/x').acquire(); "
@@ -190,11 +217,37 @@ def test_requeue_copies_params_and_gives_up_after_retries():
     assert len(ostudy.trials) == RETRIES + 1
 
 
+def test_a_trial_lost_before_drawing_its_params_is_queued_with_the_ones_it_was_queued_with():
+    ostudy = optuna.create_study()
+    ostudy.enqueue_trial({"x": 0.25})
+    lost = ostudy.ask()                              # claimed, then lost before any suggest
+    ostudy.tell(lost, state=S.FAIL)
+    assert ostudy.trials[0].params == {} and requeue(ostudy, ostudy.trials[0])
+    retry = ostudy.trials[1]
+    assert retry.state == S.WAITING and enqueued_params(retry) == {"x": 0.25}
+    assert retry.user_attrs == {"retry_of": 0, "retry_history": [0]}
+
+
+def test_enqueued_params_reads_optunas_private_record_for_this_optuna_version():
+    """Optuna has no public reader for a queued trial's params: `enqueued_params` reads its
+    system attr "fixed_params". Written against optuna 5.0.0: on an upgrade, check that
+    Study.enqueue_trial still records them there, then move this pin."""
+    assert optuna.__version__ == "5.0.0", "optuna changed: re-check harness.sweep.optuna_studies.enqueued_params"
+    ostudy = optuna.create_study()
+    ostudy.enqueue_trial({"x": 0.5, "n": 3}, user_attrs={"note": "queued"})
+    (queued,) = ostudy.trials
+    assert enqueued_params(queued) == {"x": 0.5, "n": 3} and queued.user_attrs == {"note": "queued"}
+    ostudy.optimize(lambda t: t.suggest_float("x", 0, 1) + t.suggest_int("n", 1, 5), n_trials=2)
+    assert enqueued_params(ostudy.trials[0]) == {"x": 0.5, "n": 3}    # kept once it ran
+    assert enqueued_params(ostudy.trials[1]) == {}                      # sampled, not queued
+
+
 @pytest.mark.parametrize("run_status, expected", [
     ("RUNNING", "FAILED"),     # killed in the middle of the trial
     ("FINISHED", "FAILED"),    # killed after closing the run, before Optuna had the value
     ("KILLED", "KILLED"),      # already closed for another reason: left as it is
 ])
+@pytest.mark.timeout(300)
 def test_a_lost_trials_run_is_failed_and_its_params_queued_again(tmp_path, run_status, expected):
     """The worker's recovery, step by step on a journal: a RUNNING trial whose worker is dead
     ends FAIL, its MLflow run ends FAILED with the reason (even one its worker had already
@@ -223,7 +276,7 @@ def test_a_lost_trials_run_is_failed_and_its_params_queued_again(tmp_path, run_s
 
     trials = ostudy.get_trials()
     assert trials[0].state == S.FAIL
-    assert [(t.state, t.user_attrs.get("retry_of"), t.system_attrs.get("fixed_params")) for t in trials[1:]] \
+    assert [(t.state, t.user_attrs.get("retry_of"), enqueued_params(t)) for t in trials[1:]] \
         == [(S.WAITING, 0, trials[0].params)]
     run = w.tracking.client.get_run(run_id)
     assert run.info.status == expected
@@ -250,6 +303,46 @@ def test_a_first_ctrl_c_while_trials_run_waits_for_a_checkpoint(deferring):
                 interrupts.checkpoint()
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+FIRST_CTRL_C = "interrupted: stopping the running trial and closing the stores (Ctrl-C again to quit at once)"
+SECOND_CTRL_C = "interrupted again: exiting now"
+
+_WAITS_FOR_A_STORE = """
+import sys, time
+from harness import interrupts
+interrupts.install(lambda s: print(s, file=sys.stderr, flush=True))
+interrupts.on_second.append(lambda: print("hook: forwarded to the workers", file=sys.stderr, flush=True))
+with interrupts.deferred():
+    try:
+        print("ready", flush=True)
+        while True:          # a store call in flight: no checkpoint comes
+            time.sleep(0.01)
+    finally:
+        print("closed the stores", file=sys.stderr, flush=True)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_second_ctrl_c_runs_the_hooks_says_so_and_exits_130_at_once():
+    """The first Ctrl-C waits for a checkpoint that does not come; the second runs the
+    on_second hooks (the supervisor forwards it to its workers), prints its own line and
+    exits 130 there and then: not even a `finally` runs (no clean stop)."""
+    p = subprocess.Popen([sys.executable, "-c", _WAITS_FOR_A_STORE], cwd=REPO, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == "ready\n"
+        p.send_signal(signal.SIGINT)
+        assert p.stderr.readline() == FIRST_CTRL_C + "\n"   # printed once the second handler is in place
+        assert p.poll() is None                              # the first only asked
+        p.send_signal(signal.SIGINT)
+        rest = p.stderr.read()
+        assert p.wait() == 130
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert rest == "hook: forwarded to the workers\n" + SECOND_CTRL_C + "\n"
 
 
 # --- crashes, for real ---------------------------------------------------------------------------
@@ -369,6 +462,7 @@ def check_recovered(spec: str, uri: str, study: str, n: int, killed: optuna.tria
 
 @needs_fashion
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_sigkill_mid_trial_on_the_journal_then_restart(tmp_path):
     """One machine: a worker is SIGKILLed in a trial; the restarted worker fails it (its
     process is gone), runs it again and completes the study."""
@@ -391,6 +485,7 @@ def test_sigkill_mid_trial_on_the_journal_then_restart(tmp_path):
 
 @needs_fashion
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_sweep_with_two_workers_survives_one_killed(tmp_path):
     """`harness sweep --workers 2`: one worker is SIGKILLed mid-trial; the other notices,
     re-runs its trial and finishes the study; the sweep reports the death and exits 1."""
@@ -413,6 +508,7 @@ def test_sweep_with_two_workers_survives_one_killed(tmp_path):
 
 @needs_fashion
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_sigkill_on_postgres_is_caught_by_heartbeat(tmp_path, pg_url, mlflow_server):
     """Many machines: two workers on PostgreSQL and an MLflow server; one is SIGKILLed in a
     trial. The other sees its heartbeat stop, fails the trial, re-runs it and completes the
@@ -461,6 +557,7 @@ def check_lost_store_then_resume(proc: Proc, study: Path, spec: str, victim: opt
 
 @needs_fashion
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_a_tracking_server_lost_mid_trial_is_one_line_and_the_sweep_resumes(tmp_path):
     """The MLflow server stops in the middle of a trial: the worker ends with one line (no
     traceback) and exit 2; the sweep, run again (here on the local store), completes."""
@@ -479,6 +576,7 @@ def test_a_tracking_server_lost_mid_trial_is_one_line_and_the_sweep_resumes(tmp_
 
 @needs_fashion
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_a_database_lost_mid_trial_is_one_line_and_the_sweep_resumes(tmp_path, pg_url):
     """PostgreSQL refuses connections in the middle of a trial (the open ones cut): the
     worker ends with one line and exit 2; once the database is back, the sweep completes."""
@@ -499,6 +597,7 @@ def test_a_database_lost_mid_trial_is_one_line_and_the_sweep_resumes(tmp_path, p
 
 @needs_fashion
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_ctrl_c_stops_the_trial_cleanly_and_the_sweep_resumes(tmp_path):
     study = tiny_study(tmp_path / "study.yaml", "ctrl-c", trials=3)
     ws = tmp_path / "ws"
@@ -527,19 +626,46 @@ def test_ctrl_c_stops_the_trial_cleanly_and_the_sweep_resumes(tmp_path):
 
 @needs_fashion
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_a_second_ctrl_c_exits_at_once(tmp_path):
-    study = tiny_study(tmp_path / "study.yaml", "ctrl-c2", trials=2, epochs=3, per_class=48)
+    """A sweep is caught where the first Ctrl-C can only wait: between trials, waiting for
+    the study lock that this test holds. The second Ctrl-C exits 130 while the lock is still
+    held, with its own line and none of the clean stop's (the parent run is not closed); the
+    next run finishes the study."""
+    study = tiny_study(tmp_path / "study.yaml", "ctrl-c2", trials=2)
     ws = tmp_path / "ws"
-    spec = str(ws.resolve() / "optuna.journal")
+    spec, uri = local_stores(ws)
     sweep = Proc(["sweep", study, "--workspace", ws], tmp_path / "sweep.log")
     wait_until(running_trial_of(spec, "ctrl-c2/naive", sweep.p.pid), 240, "a running trial", sweep)
-    sweep.p.send_signal(signal.SIGINT)
-    time.sleep(0.05)
-    sweep.p.send_signal(signal.SIGINT)
-    started = time.monotonic()
-    assert sweep.wait(30) == 130, sweep.text
-    assert time.monotonic() - started < 5
-    assert "exiting now" in sweep.text or "interrupted" in sweep.text
+    with st.StudyLock(spec, "ctrl-c2/naive"):
+        waiting = waits_for_lock(sweep.p.pid, spec)
+        wait_until(waiting, 300, "the sweep waiting for the study lock", sweep)
+        sweep.p.send_signal(signal.SIGINT)
+        wait_until(lambda: FIRST_CTRL_C in sweep.text, 120, "the first Ctrl-C's line", sweep)
+        assert waiting() and sweep.p.poll() is None           # the first Ctrl-C only asked
+        sweep.p.send_signal(signal.SIGINT)
+        assert sweep.wait(300) == 130, sweep.text             # out with the lock still held here
+    lines = sweep.text.strip().splitlines()
+    assert lines[-1] == SECOND_CTRL_C and "Traceback" not in sweep.text, sweep.text
+    assert "interrupted" not in lines                         # the clean stop's last line
+    (parent,) = [r for r in mlflow_runs(uri, "ctrl-c2") if r.data.tags.get("harness.kind") == "sweep"]
+    assert parent.info.status == "RUNNING"                    # a clean stop would have closed it KILLED
     resumed = Proc(["sweep", study, "--workspace", ws], tmp_path / "resume.log")
     assert resumed.wait() == 0, resumed.text
     assert sum(x.state == S.COMPLETE for x in load(spec, "ctrl-c2/naive").get_trials()) == 2
+    assert all(r.info.status != "RUNNING" for r in mlflow_runs(uri, "ctrl-c2"))
+
+
+def waits_for_lock(pid: int, spec: str):
+    """Is process `pid` blocked on the study lock file beside `spec` (a waiter in /proc/locks)?"""
+    inode = str(os.stat(f"{st.local_file(spec)}.harness-lock").st_ino)
+
+    def waiting() -> bool:
+        for line in Path("/proc/locks").read_text().splitlines():
+            parts = line.split()
+            if "->" in parts:
+                kind, owner, where = parts[parts.index("->") + 1], parts[-4], parts[-3]
+                if kind == "FLOCK" and owner == str(pid) and where.rsplit(":", 1)[-1] == inode:
+                    return True
+        return False
+    return waiting

@@ -83,7 +83,7 @@ class LayerGroups:
 
     def train(self, mode: bool = True):
         """nn.Module.train, then the truly frozen modules back to eval mode (fastai's BnFreeze):
-        `evaluate()`'s closing `model.train()` leaves them frozen."""
+        the closing `model.train(...)` of a scoring pass (step.score) leaves them frozen."""
         super().train(mode)   # type: ignore[misc]  (nn.Module's, next in the MRO)
         for m in self.eval_modules:
             m.eval()

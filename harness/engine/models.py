@@ -28,6 +28,7 @@ import torchvision
 from torch import nn
 
 from harness.engine.archs import TIMM_PREFIX
+from harness.engine.files import torch_save_atomic
 from harness.engine.groups import LayerGroups, Member, fastai_head, is_norm, linear_head
 from harness.engine.input_stats import InputStats
 from harness.errors import HarnessError
@@ -138,14 +139,10 @@ def build_model(arch: str, n_classes: int, weights: str = "none", head: str = "f
 
 def save_checkpoint(model: LayerGroups, path: str | Path, meta: dict) -> None:
     """Save the body (not the head) with its arch and `meta`, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, "arch": model.arch,
-                "body": {k: v.detach().cpu() for k, v in model.body_state_dict().items()},
-                "input_stats": {"mean": list(model.input_stats.mean), "std": list(model.input_stats.std)},
-                "meta": meta}, tmp)
-    os.replace(tmp, path)
+    torch_save_atomic({"format": CHECKPOINT_FORMAT, "arch": model.arch,
+                       "body": {k: v.detach().cpu() for k, v in model.body_state_dict().items()},
+                       "input_stats": {"mean": list(model.input_stats.mean), "std": list(model.input_stats.std)},
+                       "meta": meta}, Path(path), mode=None)
 
 
 def read_checkpoint(path: str | Path) -> dict:

@@ -30,7 +30,7 @@ from torch import nn
 from harness.engine import data as data_mod
 from harness.engine.files import torch_save_atomic
 from harness.engine.recipe import Recipe, Stage
-from harness.engine.step import Hyper, autocast, model_format, train_step
+from harness.engine.step import Hyper, autocast, model_format, score, train_step
 from harness.errors import HarnessError
 
 ENV = "HARNESS_FEATURE_CACHE"
@@ -235,20 +235,11 @@ class Probe:
         # fetched outside inference mode: features computed here are ordinary tensors
         return self._evaluate(self.features(name, split, batch_size), split.y, batch_size)
 
-    @torch.inference_mode()
     def _evaluate(self, feats: torch.Tensor, labels: torch.Tensor, batch_size: int) -> tuple[float, float]:
-        n, model = len(labels), self.model
-        model.eval()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        for start in range(0, n, batch_size):
-            f, y = feats[start:start + batch_size], labels[start:start + batch_size]
-            with autocast(self.device):
-                out = model.head_forward(feature_format(f, self.device))
-            loss_sum += nn.functional.cross_entropy(out.float(), y, reduction="sum")
-            correct += (out.argmax(1) == y).sum()
-        model.train()
-        return loss_sum.item() / n, correct.item() / n
+        batches = ((feature_format(feats[i:i + batch_size], self.device), labels[i:i + batch_size])
+                   for i in range(0, len(labels), batch_size))
+        s = score(self.model, batches, self.device, forward=self.model.head_forward)
+        return s.loss, s.accuracy
 
 
 def head_step(model: nn.Module, opt: torch.optim.Optimizer, f: torch.Tensor, y: torch.Tensor,

@@ -6,8 +6,10 @@ save them as 8-bit images. The same four, with their severity tables:
 - gaussian_blur: a Gaussian of sigma c px at 224 px, scaled to the image size, so a
   severity blurs the same fraction of the image; below 96 px it is scaled as at 96 px (at
   32 px a pure scaling would leave severity 1 at 0.14 px, no blur at all; CIFAR-10-C blurs
-  its 32 px images by 0.4-1 px);
-- contrast: pull every pixel towards the image's mean, x' = (x - m) * c + m;
+  its 32 px images by 0.4-1 px). The kernel is the reference's (skimage.filters.gaussian,
+  i.e. scipy.ndimage.gaussian_filter over H and W): cut at 4 sigma, edges extended ('nearest');
+- contrast: pull every pixel towards its channel's mean over the image, x' = (x - m) * c + m
+  (the reference takes `np.mean(x, axis=(0, 1))` of an HxWxC image: one mean per channel);
 - jpeg: JPEG-compress at quality c (on the CPU: torchvision's encoder).
 Each corrupted image is rounded to 8 bits, as the published sets are. The noise comes from
 one generator seeded per corruption and severity, in fixed chunks of images, so every
@@ -15,14 +17,13 @@ strategy and every seed is scored on the very same corrupted images.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from harness.engine import data as data_mod
-from harness.engine.step import autocast, model_format
+from harness.engine.step import score
 
 SEVERITIES: dict[str, tuple[float, ...]] = {
     "gaussian_noise": (0.08, 0.12, 0.18, 0.26, 0.38),
@@ -60,7 +61,7 @@ class Corruption:
         elif self.name == "gaussian_blur":
             f = _blur(f, c * max(f.shape[-1], BLUR_MIN_SIZE) / 224)
         elif self.name == "contrast":
-            m = f.mean(dim=(1, 2, 3), keepdim=True)
+            m = f.mean(dim=(2, 3), keepdim=True)   # per image and channel
             f = (f - m) * c + m
         return f.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
 
@@ -80,11 +81,19 @@ def corruptions(spec: dict[str, list[int]]) -> list[Corruption]:
     return [Corruption(name, s) for name, severities in spec.items() for s in severities]
 
 
-def _blur(f: torch.Tensor, sigma: float) -> torch.Tensor:
-    from torchvision.transforms.functional import gaussian_blur
-    radius = max(1, math.ceil(3 * sigma))
-    size = min(2 * radius + 1, 2 * ((min(f.shape[-2:]) - 1) // 2) + 1)   # odd, not above the image
-    return gaussian_blur(f, [size, size], [sigma, sigma])
+def _blur(f: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """scipy.ndimage.gaussian_filter(f, sigma, truncate=4.0, mode='nearest') over H and W of
+    float [B,C,H,W] (what skimage.filters.gaussian does): the same kernel, radius
+    int(truncate * sigma + 0.5), the edge pixels repeated beyond the image."""
+    import torch.nn.functional as F
+    radius = int(truncate * sigma + 0.5)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64, device=f.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = (k / k.sum()).to(f.dtype)
+    c = f.shape[1]
+    out = F.pad(f, (radius, radius, radius, radius), mode="replicate")
+    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)   # along W
+    return F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)  # along H
 
 
 def _jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
@@ -111,16 +120,7 @@ def corrupted_batches(split: data_mod.Split, corruption: Corruption, stats: data
             yield data_mod.normalize(images[b:b + batch_size], stats), labels[b:b + batch_size]
 
 
-@torch.inference_mode()
 def accuracy(model: torch.nn.Module, batches, device: torch.device) -> float | None:
-    """The model's accuracy over (inputs, labels) batches; None when there are none."""
-    was_training = model.training
-    model.eval()
-    correct, n = torch.zeros((), device=device, dtype=torch.long), 0
-    for x, y in batches:
-        with autocast(device):
-            out = model(model_format(x, device))
-        correct += (out.argmax(1) == y).sum()
-        n += len(y)
-    model.train(was_training)
-    return correct.item() / n if n else None
+    """The model's accuracy over (inputs, labels) batches (step.score); None when there are none."""
+    s = score(model, batches, device)
+    return None if s is None else s.accuracy

@@ -12,7 +12,6 @@ WORKSPACE/checkpoints/stages/<hash>-stage<K>.pt and loaded with weights_only=Tru
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from harness.errors import HarnessError
+from harness.engine.files import torch_save_atomic
 from harness.engine.recipe import Recipe, config_hash, flatten
 from harness.engine.run_types import Prepared
 
@@ -111,11 +111,8 @@ def restore(ckpt: StageCheckpoint, run: Prepared) -> None:
 def save_stage(ckpt: StageCheckpoint, path: str | Path) -> Path:
     """Write atomically (a crash leaves the old file or none, never half of one)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
     blob = {"format": STAGE_FORMAT, **{f: getattr(ckpt, f) for f in _SAVED}}
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    torch_save_atomic(blob, path, mode=None)
     return path
 
 

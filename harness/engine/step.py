@@ -1,5 +1,6 @@
 """One training step, the same for fine_tune and the LR finder: the step's hyperparameters
-into every param group, then forward, backward, step.
+into every param group, then forward, backward, step. And one scoring pass, the same for
+validation, the test split, a probe's cached features and the shifted test sets.
 
 On CUDA the forward runs under bfloat16 autocast with channels-last inputs; the loss is
 taken in float32. Nothing here reads the device: the loss comes back as a device tensor.
@@ -7,7 +8,7 @@ taken in float32. Nothing here reads the device: the loss comes back as a device
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -49,3 +50,34 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss.detach()
+
+
+@dataclass(frozen=True)
+class Score:
+    loss: float        # mean cross-entropy
+    accuracy: float    # argmax accuracy
+    n: int             # examples scored
+
+
+def score(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+          forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Score | None:
+    """The model on (inputs, labels) batches in eval mode without gradients: summed
+    cross-entropy and argmax hits, kept on the device and read once; None without a batch.
+    `forward` replaces the model's forward on images (a probe: the head on features). The
+    model is left in the mode it was found in (train or eval), even when a batch fails."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            n = 0
+            for x, y in batches:
+                with autocast(device):
+                    out = forward(x) if forward is not None else model(model_format(x, device))
+                loss_sum += nn.functional.cross_entropy(out.float(), y, reduction="sum")
+                correct += (out.argmax(1) == y).sum()
+                n += len(y)
+    finally:
+        model.train(was_training)
+    return Score(loss_sum.item() / n, correct.item() / n, n) if n else None

@@ -26,7 +26,7 @@ from harness.engine.recipe import Recipe, Stage
 from harness.engine.run_types import EpochStats, Outcome, Prepared, Result
 from harness.engine.schedule import one_cycle_lr, one_cycle_mom
 from harness.engine.stages import StagePlan, capture, check_prefix, restore
-from harness.engine.step import Hyper, autocast, model_format, train_step
+from harness.engine.step import Hyper, score, train_step
 
 
 class Tracker(Protocol):
@@ -61,23 +61,11 @@ def make_optimizer(model: LayerGroups, stage: Stage, recipe: Recipe, device: tor
                              fused=device.type == "cuda")
 
 
-@torch.inference_mode()
 def evaluate(model: nn.Module, split: data_mod.Split, batch_size: int, device: torch.device):
     """(mean loss, accuracy) on a split, read from the device once; (None, None) if empty.
-    Inputs are normalised with the model's own `input_stats`."""
-    n = len(split.y)
-    if n == 0:
-        return None, None
-    model.eval()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    for x, y in data_mod.eval_batches(split, batch_size, getattr(model, "input_stats", None)):
-        with autocast(device):
-            out = model(model_format(x, device))
-        loss_sum += nn.functional.cross_entropy(out.float(), y, reduction="sum")
-        correct += (out.argmax(1) == y).sum()
-    model.train()
-    return loss_sum.item() / n, correct.item() / n
+    Inputs are normalised with the model's own `input_stats`; the model keeps its mode."""
+    s = score(model, data_mod.eval_batches(split, batch_size, getattr(model, "input_stats", None)), device)
+    return (None, None) if s is None else (s.loss, s.accuracy)
 
 
 def prepare(recipe: Recipe, workspace: str | Path = "workspace", device: str | None = None) -> Prepared:

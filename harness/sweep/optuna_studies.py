@@ -98,8 +98,12 @@ def requeue(ostudy: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
     history = list(trial.user_attrs.get("retry_history", [])) + [trial.number]
     if len(history) > RETRIES:
         return False
-    params = dict(trial.params) or dict(trial.system_attrs.get("fixed_params", {}))
-    ostudy.add_trial(optuna.trial.create_trial(
-        state=TrialState.WAITING, system_attrs={"fixed_params": params},
-        user_attrs={"retry_of": history[0], "retry_history": history}))
+    params = dict(trial.params) or enqueued_params(trial)   # lost before it drew them: what it was queued with
+    ostudy.enqueue_trial(params, user_attrs={"retry_of": history[0], "retry_history": history})
     return True
+
+
+def enqueued_params(trial: optuna.trial.FrozenTrial) -> dict:
+    """The params `Study.enqueue_trial` queued `trial` with ({} if none). Optuna has no public
+    reader: they are its system attr "fixed_params" (as of optuna 5.0; a test pins the version)."""
+    return dict(trial.system_attrs.get("fixed_params", {}))

@@ -31,10 +31,10 @@ trial without `stage_layout` has its layout read from its `recipe` attr; one wit
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import optuna
 import yaml
 from optuna.study import StudyDirection
@@ -165,14 +165,8 @@ class LayoutPruner(optuna.pruners.BasePruner):
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated quantile (numpy's default); q 0.5 is the median."""
-    xs = sorted(values)
-    if len(xs) == 1:
-        return xs[0]
-    pos = q * (len(xs) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+    """numpy's linear-interpolated quantile; q 0.5 is the median."""
+    return float(np.quantile(values, q))
 
 
 # --- replaying a pruner on recorded values ---------------------------------------------------
@@ -263,27 +257,16 @@ def records_of(ostudy: optuna.Study) -> list[Record]:
 
 
 def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Spearman's rank correlation (average ranks for ties); nan when either side is constant."""
-    def ranks(v: Sequence[float]) -> list[float]:
-        idx = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(idx):
-            j = i
-            while j + 1 < len(idx) and v[idx[j + 1]] == v[idx[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[idx[k]] = (i + j) / 2.0
-            i = j + 1
-        return r
+    """Spearman's rank correlation (scipy's: average ranks for ties); nan when either side is
+    constant or there are fewer than 2 values."""
+    import warnings
+
+    from scipy import stats
     if len(xs) < 2:
         return math.nan
-    rx, ry = ranks(xs), ranks(ys)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    sxx = sum((a - mx) ** 2 for a in rx)
-    syy = sum((b - my) ** 2 for b in ry)
-    return sxy / math.sqrt(sxx * syy) if sxx and syy else math.nan
+    with warnings.catch_warnings():   # a constant side: scipy warns, and answers nan
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        return float(stats.spearmanr(xs, ys).statistic)
 
 
 PrunerFactory = Callable[[], optuna.pruners.BasePruner]

@@ -227,7 +227,9 @@ class Worker:
             if wid is not None and alive(wid) is not False:
                 continue
             try:
-                self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                trial_id = self.storage.get_trial_id_from_study_id_trial_number(
+                    self.storage.get_study_id_from_name(ostudy.study_name), t.number)
+                self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
             self._on_stale(ostudy, t, f"its worker ({wid or 'unknown'}) died")

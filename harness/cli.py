@@ -39,6 +39,17 @@ def _fail_cleanly(fn):
     return wrapper
 
 
+def _next(stores, *steps: tuple[str, str]) -> None:
+    """What to run next, as the user would type it: the program as they called it, their
+    --workspace kept."""
+    typed = sys.argv[0] if sys.argv else ""
+    prog = typed if Path(typed).name == "harness" else "python -m harness" if typed.endswith("__main__.py") \
+        else "harness"
+    ws = "" if stores.workspace == Path("workspace") else f" --workspace {stores.workspace}"
+    for command, why in steps:
+        click.echo(f"next: {prog} {command}{ws}   # {why}")
+
+
 def _recipe(path: str, device: str | None):
     """The recipe at `path`, with --device applied when given."""
     from harness.engine.recipe import Recipe
@@ -214,6 +225,8 @@ def sweep(study_path, strategies, trials, use_lr_find, workers, workers_per_gpu,
         centre = centred_first_trials(study, stores.workspace, list(selection.strategies), echo=click.echo)
     run_sweep(study, stores, selection, Launch(workers, workers_per_gpu), centre=centre, echo=click.echo)
     click.echo(format_status(study, status_rows(study, stores), trials))
+    _next(stores, (f"compare {study_path}", "each strategy's best recipe over seeds, on the test split"),
+          (f"ui {study_path}", "every trial's curves in the MLflow UI"))
 
 
 @main.command()
@@ -274,6 +287,7 @@ def export(study_path, strategy, output, stores):
     study = load_study(study_path)
     path, strat, trial = export_best(study, stores, strategy, output)
     click.echo(f"wrote {path}: {strat} trial {trial.number}, {study.config.metric} {trial.value:.4f}")
+    _next(stores, (f"train {path}", "replays this recipe and scores it on the test split"))
 
 
 class _SeedsType(click.ParamType):
@@ -313,6 +327,8 @@ def compare(study_path, seeds, stores):
     click.echo(markdown_table(comparison_table(cmp)))
     click.echo(cmp.verdict())
     click.echo(f"saved {out}/compare.csv, compare_pairs.csv, compare.md, compare.png")
+    _next(stores, (f"export {study_path}", "the winner's recipe as YAML, to replay with train"),
+          (f"ui {study_path}", "the runs, and the compare run with its pictures, in the MLflow UI"))
 
 
 @main.command()

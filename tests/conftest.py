@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny recipe that trains in a second or two on a 2-core CPU."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -85,8 +86,9 @@ def one_thread():
 
 @pytest.fixture(autouse=True)
 def _few_threads():
-    # deterministic, and fair to the 2-core CI machine
-    torch.set_num_threads(2)
+    # deterministic, and fair to the 2-core CI machine: two threads, or one per pytest-xdist
+    # worker when the suite runs in parallel (two workers of two threads would spin-wait)
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
     yield
 
 

@@ -183,6 +183,10 @@ def test_shipped_study_runs_end_to_end_shrunk(study, tmp_path):
         assert step.checkpoint.is_file()
 
     assert f"study {name}: {TRIALS} trials per strategy, {epochs} epochs each" in out["sweep"]
+    # each step says what to run next, with the workspace it was given
+    assert f"next: harness compare {shrunk.path} --workspace {ws}   # " in out["sweep"]
+    assert f"next: harness train {export} --workspace {ws}   # " in out["export"]
+    assert f"next: harness export {shrunk.path} --workspace {ws}   # " in out["compare"]
 
     counts = status_counts(out["status"], strategies)
     assert set(counts) == set(strategies), out["status"]

@@ -307,8 +307,7 @@ def harness(*args: Any, timeout: float = 1800, cwd: str | os.PathLike | None = N
     """`python -m harness ARGS` in a subprocess: one torch thread (OMP_NUM_THREADS=1), the
     hubs offline, and no MLFLOW_TRACKING_URI / HARNESS_STORAGE from the caller (the
     workspace's own SQLite store and journal)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "HARNESS_STORAGE")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env = _child_env()
     return subprocess.run([sys.executable, "-m", "harness", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=cwd)
 
@@ -322,8 +321,7 @@ def harness_session(*commands: list, timeout: float = 1800,
     one CompletedProcess per command run. For tests that are not about the process boundary."""
     import json
     import tempfile
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "HARNESS_STORAGE")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env = _child_env()
     with tempfile.TemporaryDirectory() as tmp:
         plan, results = Path(tmp) / "commands.json", Path(tmp) / "results.json"
         plan.write_text(json.dumps([[str(a) for a in c] for c in commands]))
@@ -371,6 +369,14 @@ def run_pretraining(shrunk: Shrunk, workspace: str | os.PathLike) -> list[subpro
 
 
 # --- helpers ----------------------------------------------------------------------------
+
+def _child_env() -> dict[str, str]:
+    """A harness child's environment: one torch thread, the hubs offline, and no
+    MLFLOW_TRACKING_URI / HARNESS_STORAGE from the caller."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "HARNESS_STORAGE")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return env
+
 
 def _fits(spec: Any, epochs: int) -> bool:
     """Whether an epoch-split hyperparameter's every value lies in 1 .. epochs - 1."""

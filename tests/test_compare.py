@@ -273,7 +273,8 @@ def test_compare_scores_the_kept_model_under_shift_and_logs_the_winner(shrunk, t
     spec["compare"]["max_seeds"] = 3
     path.write_text(yaml.safe_dump(spec))
     auto = invoke(["compare", path, "--seeds", "auto", *opts])
-    verdict = auto.output.strip().splitlines()[-2]
+    lines = auto.output.strip().splitlines()
+    verdict = lines[next(i for i, line in enumerate(lines) if line.startswith("saved ")) - 1]   # printed last
     assert "Bonferroni over 2 looks" in verdict, auto.output
     added = "--seeds auto: " in auto.output
     assert added == ("over 3 seeds" in verdict) and added != ("over 2 seeds" in verdict)

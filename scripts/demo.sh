@@ -12,6 +12,4 @@ H=.venv/bin/harness
 STUDY=studies/quickstart.yaml
 $H sweep "$STUDY"
 $H compare "$STUDY"
-$H export "$STUDY"
-echo
-echo "next: .venv/bin/harness ui $STUDY   # prints the study's runs page in the MLflow UI (every trial's LR curves)"
+$H export "$STUDY"    # each command ends with what to run next (the MLflow UI: harness ui)

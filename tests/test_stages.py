@@ -40,6 +40,14 @@ def write(path: Path, d: dict) -> Path:
     return path
 
 
+def share_cache(src_ws: Path, dst_ws: Path) -> None:
+    """Copy the decoded data of one workspace into another, where there is any: a process that
+    decoded the data already keeps it in memory and writes no cache file (the order of tests on
+    an xdist worker decides which)."""
+    if (src_ws / "cache").is_dir():
+        shutil.copytree(src_ws / "cache", dst_ws / "cache", dirs_exist_ok=True)
+
+
 def epochs_of(result) -> list[tuple]:
     """Per-epoch numbers without the wall time."""
     return [(e.epoch, e.stage, e.train_loss, e.val_loss, e.val_accuracy) for e in result.epochs]
@@ -80,8 +88,7 @@ def saved(tmp_path_factory, workspace):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("stages")
     ws = root / "ws"
-    if (workspace / "cache").is_dir():   # the decoded data, shared: no second decode
-        shutil.copytree(workspace / "cache", ws / "cache")
+    share_cache(workspace, ws)
     db = root / "mlflow.db"
     shutil.copyfile(template_store(tmp_path_factory), db)
     recipe_path = write(root / "tiny.yaml", tiny_recipe_dict())
@@ -164,7 +171,7 @@ def test_stage_2_starts_from_the_model_after_stage_1_trained_as_train_does(saved
     spy = ModelAtStart()
     monkeypatch.setattr(lf, "make_optimizer", spy)
     ws = tmp_path / "ws"
-    shutil.copytree(saved["ws"] / "cache", ws / "cache")
+    share_cache(saved["ws"], ws)
     result = lf.lr_find(recipe, ws, lf.RangeTest(num_it=20, stop_div=False), stage=2)
     ckpt = st.read_stage(st.stage_path(saved["ws"], recipe, 1), recipe)
     assert spy.state.keys() == ckpt.model.keys()
@@ -280,7 +287,7 @@ def test_a_stage_checkpoint_of_another_recipe_is_refused_naming_the_file(saved, 
     path.parent.mkdir(parents=True)
     blob = st.stage_path(saved["ws"], saved["recipe"], 1).read_bytes()
     path.write_bytes(blob if what == "other-recipe" else blob[:len(blob) // 3])
-    shutil.copytree(saved["ws"] / "cache", tmp_path / "ws" / "cache")
+    share_cache(saved["ws"], tmp_path / "ws")
     recipe = write(tmp_path / "r.yaml", tiny_recipe_dict(seed=7))
     line = refused(["lr-find", str(recipe), "--stage", "2", "--workspace", str(tmp_path / "ws"),
                     "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"], tmp_path, str(path))

@@ -191,7 +191,7 @@ def test_fashion_root_with_torchvision_layout_and_resize(tmp_path, monkeypatch):
     assert images.shape == (8, 3, 32, 32)
     # the per-batch resize is the one the old cache applied up front: shorter side, antialiased
     assert torch.equal(images, data.normalize(resize.resize(ds.test.x[:8], 32)))
-    batch, _ = next(data.train_batches(ds.train, 8, torch.Generator().manual_seed(0), augment=True))
+    batch, _ = next(data.train_batches(ds.train, 8, torch.Generator().manual_seed(0), augment="flip"))
     assert batch.shape == (8, 3, 32, 32)
 
 
@@ -434,7 +434,7 @@ def synthetic_split(n: int = 50, channels: int = 1, size: int = 16) -> Split:
 
 def test_train_batches_count_shapes_and_normalisation():
     split = synthetic_split(n=50, channels=1)
-    batches = list(data.train_batches(split, 16, torch.Generator().manual_seed(0), augment=False))
+    batches = list(data.train_batches(split, 16, torch.Generator().manual_seed(0), augment="none"))
     assert len(batches) == 50 // 16 == data.steps_per_epoch(50, 16)
     for images, labels in batches:
         assert images.shape == (16, 3, 16, 16) and images.dtype == torch.float32
@@ -449,7 +449,7 @@ def test_train_batches_come_in_the_order_of_train_indices():
     """One index generator for images and for a probe's cached features (harness/engine/probe.py)."""
     split = synthetic_split(n=50, channels=1)
     indices = list(data.train_indices(50, 16, torch.Generator().manual_seed(3), split.x.device))
-    batches = list(data.train_batches(split, 16, torch.Generator().manual_seed(3), augment=False))
+    batches = list(data.train_batches(split, 16, torch.Generator().manual_seed(3), augment="none"))
     assert len(indices) == len(batches) == 3
     assert all(torch.equal(idx, labels) for idx, (_, labels) in zip(indices, batches))
 
@@ -465,8 +465,8 @@ def test_normalize_uses_imagenet_statistics():
 
 def test_augmentation_crops_and_flips_but_keeps_labels():
     split = synthetic_split(n=32, channels=3, size=16)
-    plain = list(data.train_batches(split, 8, torch.Generator().manual_seed(7), augment=False))
-    augmented = list(data.train_batches(split, 8, torch.Generator().manual_seed(7), augment=True))
+    plain = list(data.train_batches(split, 8, torch.Generator().manual_seed(7), augment="none"))
+    augmented = list(data.train_batches(split, 8, torch.Generator().manual_seed(7), augment="flip"))
     assert [torch.equal(a[1], b[1]) for a, b in zip(plain, augmented)] == [True] * 4
     images = torch.cat([a[0] for a in augmented])
     labels = torch.cat([a[1] for a in augmented])
@@ -489,9 +489,9 @@ def test_augmentation_crops_and_flips_but_keeps_labels():
 
 def test_train_batches_reproducible_with_same_generator_seed():
     split = synthetic_split()
-    a = list(data.train_batches(split, 10, torch.Generator().manual_seed(3), augment=True))
-    b = list(data.train_batches(split, 10, torch.Generator().manual_seed(3), augment=True))
-    c = list(data.train_batches(split, 10, torch.Generator().manual_seed(4), augment=True))
+    a = list(data.train_batches(split, 10, torch.Generator().manual_seed(3), augment="flip"))
+    b = list(data.train_batches(split, 10, torch.Generator().manual_seed(3), augment="flip"))
+    c = list(data.train_batches(split, 10, torch.Generator().manual_seed(4), augment="flip"))
     assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
     assert not torch.equal(a[0][1], c[0][1])
 

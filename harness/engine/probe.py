@@ -2,7 +2,7 @@
 
 A stage qualifies when only the head trains (`trainable_groups == 1`), the body is truly
 frozen (`model.train_bn: false`: its modules in eval mode, harness/engine/groups.py) and
-nothing is augmented (`data.augment: false`). Then the body's output on a split depends only
+nothing is augmented (`data.augment: none`). Then the body's output on a split depends only
 on the split, the body's weights, the image size, the input statistics and the device, so it
 is computed once (eval mode, `data.eval_batches` in chunks of the batch size the uncached run
 gives the body that split, the step's autocast) and the head trains on it: `model.head_forward(features)` is `model(x)` (the LayerGroups contract). The
@@ -51,7 +51,7 @@ def cache_mode() -> str:
 def qualifies(recipe: Recipe, stage: Stage, n_groups: int) -> bool:
     """Does this stage train the head alone on a truly frozen body, with no augmentation?"""
     return (stage.trainable_groups(n_groups) == 1 and not recipe.model.train_bn
-            and not recipe.data.augment and cache_mode() != "off")
+            and recipe.data.augment == "none" and cache_mode() != "off")
 
 
 class FeatureCache:

@@ -91,22 +91,58 @@ class Stage(StrictModel):
         return group_lrs(None, self.lr, n_groups, sliced=False)
 
 
+SMALL_IMAGE = 64   # at or below: CIFAR-style defaults (augment flip, no eval crop); above: ImageNet-style
+
+
+def _augment_name(v: Any) -> Any:
+    # `true` / `false` keep their meaning from before augment was a choice
+    if v is True:
+        return "flip"
+    if v is False:
+        return "none"
+    return v
+
+
+Column = Union[StrictInt, str]   # a CSV column: its name, or its 0-based position
+
+
 class DataConfig(StrictModel):
-    dataset: Literal["fashion-mnist", "imagefolder"] = "fashion-mnist"
-    root: str | None = None
+    dataset: Literal["fashion-mnist", "imagefolder", "csv"] = "fashion-mnist"
+    root: str | None = None         # imagefolder: the folder
+    csv: str | None = None          # csv: the CSV file; image paths are relative to its folder
+    fn_col: Column = 0              # csv: the image path column (fastai's fn_col)
+    label_col: Column = 1           # csv: the label column (fastai's label_col)
+    valid_col: str | None = None    # csv: the split column (train/valid/test, or booleans as is_valid)
+    label_delim: str | None = None  # csv: multi-label labels (refused for now: single-label only)
     classes: Annotated[list[Union[StrictInt, str]], Field(min_length=2)] | None = None
     train_per_class: Annotated[StrictInt, Field(ge=1)] | None = None
     test_per_class: Annotated[StrictInt, Field(ge=1)] | None = None   # None: the whole test split
     val_fraction: Annotated[Num, Field(ge=0, lt=1)] = 0.2
     image_size: Annotated[StrictInt, Field(ge=8)] = 32
     batch_size: Annotated[StrictInt, Field(ge=2)] = 64
-    augment: bool = True
+    # unset: flip at <= 64 px, fastai above (resolved on reading, so an exported recipe names it)
+    augment: Annotated[Literal["none", "flip", "fastai", "randaugment"], BeforeValidator(_augment_name)] = "flip"
+    # evaluation: resize to image_size / crop_pct, centre-crop image_size; None: 1.0 at <= 64 px,
+    # above it the weights' own (timm's pretrained_cfg crop_pct, torchvision's eval transform)
+    crop_pct: Annotated[Num, Field(gt=0, le=1)] | None = None
+    residency: Literal["auto", "device", "host"] = "auto"   # where decoded images live (memory plan)
 
     @model_validator(mode="after")
-    def _root_for_imagefolder(self) -> "DataConfig":
+    def _inputs_for_dataset(self) -> "DataConfig":
         if self.dataset == "imagefolder" and not self.root:
             raise ValueError("root is required when dataset is imagefolder")
+        if self.dataset == "csv" and not self.csv:
+            raise ValueError("csv is required when dataset is csv (the CSV file of image paths and labels)")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_augment(cls, d: Any) -> Any:
+        if isinstance(d, dict) and d.get("augment") is None:
+            size = d.get("image_size", 32)
+            small = not isinstance(size, int) or size <= SMALL_IMAGE   # a bad size is refused by its own field
+            d = {**d, "augment": "flip" if small else "fastai"}
+        return d
 
 
 class ModelConfig(StrictModel):

@@ -70,14 +70,16 @@ def train_indices(n: int, batch_size: int, generator: torch.Generator,
 
 
 def train_batches(
-    split: Split, batch_size: int, generator: torch.Generator, augment: bool,
+    split: Split, batch_size: int, generator: torch.Generator, augment: str,
     stats: InputStats | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One shuffled epoch of full batches: (normalised float32 [B,3,H,W], int64 labels)."""
     for idx in train_indices(len(split.y), batch_size, generator, split.x.device):
         images = _batch(split, idx, stats)
-        if augment:
+        if augment == "flip":
             images = crop_flip(images, generator)
+        elif augment != "none":
+            raise HarnessError(f"data.augment: {augment!r} is not available yet")
         yield images, split.y[idx]
 
 

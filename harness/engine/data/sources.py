@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.engine.data import fashion, folders
+from harness.errors import HarnessError
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ def open_source(cfg: Any, workspace: Path) -> Source:
     if cfg.dataset == "fashion-mnist":
         files_dir = fashion.find_fashion(cfg.root, workspace)
         return Source(cfg.dataset, f"{files_dir.resolve()}", "native", partial(fashion.decode_fashion, files_dir))
+    if cfg.dataset == "csv":
+        raise HarnessError("data.dataset: csv is not available yet")
     layout, names = folders.scan_imagefolder(cfg.root)
     identity = f"{Path(cfg.root).resolve()}|{folders.fingerprint(layout)}"
     # images of many sizes: decoded once to one size

@@ -161,6 +161,7 @@ BAD = [
     _case([], "data.csv: {csv} is empty (expected a header line, then a line per image)"),
     _case(["file,label", "", "  ,  "], "data.csv: {csv} has a header but no rows"),
     _case(["file,label", "a/0.png,a", "a/1.png,a,extra"], "data.csv: {csv}, line 3: 3 fields, the header has 2"),
+    _case(["file,label", "a/0.png,a", '"b/0.png,b'], "data.csv: {csv}, line 3: 1 field, the header has 2"),
     _case(["a/0.png,a", "b/0.png,b"], "data.csv: {csv}: line 1 looks like data ('a/0.png'); "
                                       "the CSV needs a header line naming its columns"),
     _case(GOOD, "data.fn_col: no column 'image' in {csv} (its columns: 'file', 'label')", fn_col="image"),
@@ -203,6 +204,9 @@ def test_unreadable_csv_files_name_the_file(tmp_path):
     assert message(csv_cfg(root), tmp_path / "ws") == f"data.csv: {root} is a directory, not a CSV file"
     binary = root / "a" / "0.png"
     assert message(csv_cfg(binary), tmp_path / "ws") == f"data.csv: {binary} is not a CSV file (not UTF-8 text)"
+    huge = write_csv(root / "huge.csv", ["file,label", "a/0.png," + "a" * 200_000])
+    assert message(csv_cfg(huge), tmp_path / "ws") == \
+        f"data.csv: {huge} is not a valid CSV (line 2: field larger than field limit (131072))"
 
 
 def test_corrupt_image_names_data_csv_and_the_file(tmp_path):

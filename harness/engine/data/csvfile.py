@@ -113,8 +113,8 @@ def _read(csv_path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
                 header = [f.strip() for f in fields]
                 continue
             if len(fields) != len(header):
-                raise HarnessError(f"data.csv: {csv_path}, line {reader.line_num}: {len(fields)} fields, "
-                                   f"the header has {len(header)}")
+                raise HarnessError(f"data.csv: {csv_path}, line {reader.line_num}: {len(fields)} field"
+                                   f"{'s' if len(fields) > 1 else ''}, the header has {len(header)}")
             records.append((reader.line_num, [f.strip() for f in fields]))
     except csv.Error as exc:
         raise HarnessError(f"data.csv: {csv_path} is not a valid CSV (line {reader.line_num}: {exc})") from None

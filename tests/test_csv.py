@@ -254,3 +254,19 @@ def test_cache_reused_and_invalidated_when_the_csv_or_an_image_changes(tmp_path,
     save_image(root / "dog" / "1.png", (250, 250, 250))   # an image rewritten, the CSV unchanged
     assert not torch.equal(load(cfg, tmp_path / "ws").train.x, relabelled.train.x)
     assert calls == [1, 1]
+
+
+# ---------------------------------------------------------------- a sweep's validation split
+
+def test_a_sweep_with_val_fraction_0_needs_valid_rows_in_the_csv(tmp_path):
+    from harness.sweep.study import load_study
+    root = _images(tmp_path)
+    study = {"name": "csv", "recipe": {"data": {"dataset": "csv", "csv": str(root / "labels.csv"), "val_fraction": 0}},
+             "budget": {"epochs": 2}, "strategies": {"naive": None}}
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump(study))
+    write_csv(root / "labels.csv", ["file,label,is_valid", "a/0.png,a,0", "a/1.png,a,1", "b/0.png,b,0", "b/1.png,b,1"])
+    assert load_study(study_file).base["data"]["val_fraction"] == 0   # the valid rows are the val split
+    write_csv(root / "labels.csv", GOOD)
+    with pytest.raises(HarnessError, match="recipe.data.val_fraction: a sweep needs a validation split"):
+        load_study(study_file)

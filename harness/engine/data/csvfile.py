@@ -40,7 +40,7 @@ SPLIT_VALUES = {"train": "train", "valid": "val", "val": "val", "validation": "v
 AUTO_SPLIT_COLUMNS = ("is_valid", "split")   # used when data.valid_col is unset (fastai's CSVs)
 _SPLIT_NAMES = {"train": "train", "val": "valid", "test": "test"}   # as a user's CSV says them
 
-Row = tuple[int, Path, str, str]   # (CSV line, image file, label, split name)
+Row = tuple[int, Path, str, str, str]   # (CSV line, image file, label, split name, its absolute path)
 
 
 def scan_csv(cfg: Any) -> tuple[Layout, list[str]]:
@@ -156,7 +156,7 @@ def _split_column(header: list[str], valid_col: str | None, csv_path: Path, take
 
 
 def _row(csv_path: Path, line: int, fields: list[str], header: list[str], columns: tuple) -> Row:
-    """One data line as (line, image file, label, split); its problems name the line."""
+    """One data line as a `Row`; its problems name the line."""
     fn, label, split = columns
     where = f"data.csv: {csv_path}, line {line}"
     if not fields[fn]:
@@ -164,10 +164,8 @@ def _row(csv_path: Path, line: int, fields: list[str], header: list[str], column
     if not fields[label]:
         raise HarnessError(f"{where}: empty label (column {header[label]!r})")
     image = csv_path.parent / fields[fn]   # an absolute path stays as it is
-    if not image.exists():
-        raise HarnessError(f"{where}: image {image} does not exist")
     if not image.is_file():
-        raise HarnessError(f"{where}: image {image} is not a file")
+        raise HarnessError(f"{where}: image {image} {'is not a file' if image.exists() else 'does not exist'}")
     part = "train"
     if split is not None:
         value = fields[split]
@@ -175,22 +173,21 @@ def _row(csv_path: Path, line: int, fields: list[str], header: list[str], column
         if not part:
             raise HarnessError(f"{where}: {value!r} in split column {header[split]!r} is not a split "
                                f"(train, valid or test; or is_valid's true/false, 1/0, yes/no)")
-    return line, image, fields[label], part
+    return line, image, fields[label], part, os.path.abspath(image)   # '..' folded, no link followed
 
 
 def _refuse_duplicates(csv_path: Path, rows: list[Row]) -> None:
     """An image listed twice would be counted twice, maybe in two splits: refused."""
-    first_line: dict[Path, int] = {}
-    for line, image, _, _ in rows:
-        key = image.resolve()
-        if key in first_line:
-            raise HarnessError(f"data.csv: {csv_path}, lines {first_line[key]} and {line} both list {image}")
-        first_line[key] = line
+    first_line: dict[str, int] = {}
+    for line, image, _, _, absolute in rows:
+        if absolute in first_line:
+            raise HarnessError(f"data.csv: {csv_path}, lines {first_line[absolute]} and {line} both list {image}")
+        first_line[absolute] = line
 
 
 def _layout(csv_path: Path, rows: list[Row], label_column: str) -> tuple[Layout, list[str]]:
     """The rows as an image folder's layout: the classes are the train labels, sorted."""
-    names = sorted({label for _, _, label, part in rows if part == "train"})
+    names = sorted({label for _, _, label, part, _ in rows if part == "train"})
     if not names:
         raise HarnessError(f"data.csv: {csv_path} has no train rows (its split column marks every row "
                            f"valid or test)")
@@ -198,13 +195,13 @@ def _layout(csv_path: Path, rows: list[Row], label_column: str) -> tuple[Layout,
         raise HarnessError(f"data.label_col: column {label_column!r} of {csv_path} has only one class "
                            f"({names[0]!r} in train); a classifier needs at least 2")
     index = {name: i for i, name in enumerate(names)}
-    layout: Layout = {}
-    for line, image, label, part in rows:
+    keyed: dict[str, list[tuple[tuple, Path, int]]] = {}
+    for line, image, label, part, absolute in rows:
         if label not in index:
             raise HarnessError(f"data.csv: {csv_path}, line {line}: class {label!r} is in the "
                                f"{_SPLIT_NAMES[part]} split but has no train rows")
-        layout.setdefault(part, []).append((image, index[label]))
-    # class, then path (however the CSV spells it), as an image folder lists its files: the
-    # CSV's row order changes nothing
-    return {part: sorted(layout[part], key=lambda item: (item[1], Path(os.path.abspath(item[0]))))
-            for part in ("train", "val", "test") if part in layout}, names
+        # class, then path part by part (however the CSV spells it), as an image folder lists
+        # its files: the CSV's row order changes nothing
+        keyed.setdefault(part, []).append(((index[label], absolute.split(os.sep)), image, index[label]))
+    return {part: [(image, label) for _, image, label in sorted(keyed[part], key=lambda item: item[0])]
+            for part in ("train", "val", "test") if part in keyed}, names

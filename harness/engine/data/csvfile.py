@@ -10,7 +10,7 @@ The rules, each decided once here:
   error can name the exact CSV line (line 1 is the header) and nothing is guessed (no index
   column, no NA values). Blank lines are skipped.
 - image paths are relative to the CSV's folder (absolute ones are kept); every listed file
-  must exist, and no file may be listed twice.
+  must exist, and no path may be listed twice (however spelled: `a.png`, `./a.png`).
 - class order: the train labels sorted as plain strings, as image folders sort their class
   folders by name ("10" before "2"; `data.classes` picks and orders a subset).
 - the split column (`data.valid_col`; unset: a column named `is_valid` or `split`, if there is

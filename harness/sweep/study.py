@@ -158,10 +158,16 @@ def _base_recipe(recipe: dict | str, study_path: Path) -> dict:
         raise HarnessError(f"{study_path}: recipe.{format_validation_error(e, Recipe)}") from None
     # trials are scored on the validation split: without one, every trial would train and then fail
     own_val = data.dataset == "imagefolder" and all((Path(data.root) / d).is_dir() for d in ("train", "val"))
-    if data.val_fraction == 0 and not own_val:
+    if data.val_fraction == 0 and not own_val and not (data.dataset == "csv" and _csv_has_valid_rows(data)):
         raise HarnessError(f"{study_path}: recipe.data.val_fraction: a sweep needs a validation split "
-                           f"(> 0, or an image folder with its own train/ and val/ folders)")
+                           f"(> 0, an image folder with its own train/ and val/ folders, or a CSV with valid rows)")
     return recipe
+
+
+def _csv_has_valid_rows(data: Any) -> bool:
+    """Whether a CSV dataset's split column marks some rows valid (they are the val split)."""
+    from harness.engine.data.csvfile import scan_csv
+    return "val" in scan_csv(data)[0]
 
 
 def _space(path: Path, strategy: str, raw: dict, budget: int) -> Space:

@@ -1,4 +1,4 @@
-"""Datasets as uint8 tensors (Fashion-MNIST, image folders), seeded splits, and batches for the training loop.
+"""Datasets as uint8 tensors (Fashion-MNIST, image folders, CSV files), seeded splits, and batches for the training loop.
 
 One module per concern, input to batch; the public names are re-exported here
 (`from harness.engine import data; data.load_dataset(...)`):
@@ -6,6 +6,7 @@ One module per concern, input to batch; the public names are re-exported here
 - sources.py   the recipe's input as a `Source` (what the cache keys, how to decode it):
   fashion.py   Fashion-MNIST's IDX files: found (root, workspace, system copy, download), read;
   folders.py   image folders: scanned, fingerprinted, decoded once to one size; `load_folder`;
+  csvfile.py   a CSV of image paths and labels: scanned into folders.py's layout, decoded alike;
 - cache.py     the decoded dataset, kept in memory and in WORKSPACE/cache/;
 - splits.py    `Split` / `Dataset`, the class subset, the seeded train/val split, a carved test split;
 - load.py      `load_dataset`: all of the above, as a `Dataset` of CPU uint8 tensors;

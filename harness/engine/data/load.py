@@ -24,6 +24,7 @@ def load_dataset(cfg: Any, workspace: Path, seed: int) -> Dataset:
     - an imagefolder with its own val/ keeps it as val (train is then only capped).
     - an imagefolder without test/ gets its test split carved off the train pool first, per
       class with the same fraction rule and a fixed seed (the same for every run seed).
+    - a CSV dataset splits as an image folder does, its valid and test rows as val/ and test/.
     - with test_per_class = k, test keeps min(k, n) images of each class, drawn with that fixed
       seed too, so every run seed is scored on the same images.
     Fashion-MNIST's official train set feeds train + val; its t10k set is test. It is held

@@ -1,7 +1,6 @@
 """Where a dataset comes from: the recipe's `data.dataset` as a `Source`, what the decoded-data
-cache (harness/engine/data/cache.py) keys and decodes. A new kind of input (e.g. CSV files) is
-one module beside fashion.py and folders.py, and one branch in `open_source` and
-`all_class_names`."""
+cache (harness/engine/data/cache.py) keys and decodes. A new kind of input is one module beside
+fashion.py, folders.py and csvfile.py, and one branch in `open_source` and `all_class_names`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,8 +8,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.engine.data import fashion, folders
-from harness.errors import HarnessError
+from harness.engine.data import csvfile, fashion, folders
 
 
 @dataclass(frozen=True)
@@ -30,8 +28,10 @@ def open_source(cfg: Any, workspace: Path) -> Source:
     if cfg.dataset == "fashion-mnist":
         files_dir = fashion.find_fashion(cfg.root, workspace)
         return Source(cfg.dataset, f"{files_dir.resolve()}", "native", partial(fashion.decode_fashion, files_dir))
-    if cfg.dataset == "csv":
-        raise HarnessError("data.dataset: csv is not available yet")
+    if cfg.dataset == "csv":   # a CSV of image paths and labels: decoded as an image folder is
+        layout, names = csvfile.scan_csv(cfg)
+        return Source(cfg.dataset, csvfile.csv_identity(cfg.csv, layout), f"{cfg.image_size}px",
+                      partial(csvfile.decode_csv, layout, names, cfg.image_size))
     layout, names = folders.scan_imagefolder(cfg.root)
     identity = f"{Path(cfg.root).resolve()}|{folders.fingerprint(layout)}"
     # images of many sizes: decoded once to one size
@@ -41,4 +41,8 @@ def open_source(cfg: Any, workspace: Path) -> Source:
 
 def all_class_names(cfg: Any) -> list[str]:
     """Every class of the recipe's input in label order, found without decoding an image."""
-    return fashion.CLASS_NAMES_FASHION if cfg.dataset == "fashion-mnist" else folders.scan_imagefolder(cfg.root)[1]
+    if cfg.dataset == "fashion-mnist":
+        return fashion.CLASS_NAMES_FASHION
+    if cfg.dataset == "csv":
+        return csvfile.scan_csv(cfg)[1]
+    return folders.scan_imagefolder(cfg.root)[1]

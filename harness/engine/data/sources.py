@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.engine.data import fashion, folders
+from harness.engine.data.resize import stored_size
 from harness.errors import HarnessError
 
 
@@ -35,8 +36,8 @@ def open_source(cfg: Any, workspace: Path) -> Source:
     layout, names = folders.scan_imagefolder(cfg.root)
     identity = f"{Path(cfg.root).resolve()}|{folders.fingerprint(layout)}"
     # images of many sizes: decoded once to one size
-    return Source(cfg.dataset, identity, f"{cfg.image_size}px",
-                  partial(folders.decode_imagefolder, layout, names, cfg.image_size))
+    return Source(cfg.dataset, identity, f"{stored_size(cfg)}px",
+                  partial(folders.decode_imagefolder, layout, names, stored_size(cfg)))
 
 
 def all_class_names(cfg: Any) -> list[str]:

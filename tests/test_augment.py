@@ -278,3 +278,44 @@ def test_a_fine_tune_with_augmentation_replays_bitwise_on_the_cpu(augment, works
         [(e.train_loss, e.val_loss, e.val_accuracy) for e in b.epochs]
     for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert torch.equal(x, y), name
+
+
+def test_an_image_folder_is_stored_at_image_size_over_crop_pct(tmp_path, workspace):
+    from tests.shipped import make_image_folder
+    root = make_image_folder(tmp_path / "folder")
+    recipe = Recipe.from_dict(tiny_recipe_dict(data={"dataset": "imagefolder", "root": str(root), "classes": None,
+                                                     "train_per_class": None, "image_size": 16, "crop_pct": 0.8}))
+    ds = data.load_dataset(recipe.data, workspace, 0)
+    assert ds.train.x.shape[-2:] == (20, 20) and (ds.val.size, ds.val.stored) == (16, 20)
+    images, _ = next(data.eval_batches(ds.val, 4))
+    assert images.shape[-2:] == (16, 16)
+    assert torch.equal(data.raw_images(ds.val, slice(0, 4)), TF.center_crop(ds.val.x[:4], [16, 16]))
+
+
+class _RecordingTracker:
+    """Takes whatever tracked_fine_tune logs; keeps the params."""
+    def __init__(self):
+        self.params: dict = {}
+
+    def log_params(self, params):
+        self.params.update(params)
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def test_a_run_records_its_eval_transform_before_training(monkeypatch):
+    from harness import jobs
+
+    class Stop(Exception):
+        pass
+
+    def training_starts(*args, **kwargs):   # the params are logged by now: the run need not train
+        raise Stop
+    monkeypatch.setattr(jobs, "fine_tune", training_starts)
+    recipe = Recipe.from_dict(tiny_recipe_dict(data={"crop_pct": 0.8}))
+    tracker = _RecordingTracker()
+    with pytest.raises(Stop):
+        jobs.tracked_fine_tune(recipe, tracker)
+    assert tracker.params["data.eval_transform"] == "resize 20, centre crop 16 (crop_pct 0.8)"
+    assert tracker.params["data.crop_pct"] == "0.8"

@@ -19,6 +19,7 @@ composed into one grid, sampled once from the stored image (one interpolation, n
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -53,7 +54,7 @@ def draw_fastai(b: int, generator: torch.Generator, device: torch.device) -> Fas
     """The batch's parameters: the crop boxes, then one [B,15] uniform draw for the rest."""
     boxes = resized_crop_boxes(b, generator, device, MIN_SCALE)
     u = torch.rand(b, 15, generator=generator, device=device)
-    on = u[:, 8:15] < torch.tensor([P_AFFINE] * 4 + [P_LIGHTING] * 2 + [0.5], device=device)
+    on = torch.cat([u[:, 8:12] < P_AFFINE, u[:, 12:14] < P_LIGHTING, u[:, 14:15] < 0.5], 1)
     warp = (2 * u[:, 0:2] - 1) * MAX_WARP * on[:, 0:2]
     degrees = (2 * u[:, 2] - 1) * MAX_ROTATE * on[:, 2]
     zoom = torch.where(on[:, 3], 1 + (MAX_ZOOM - 1) * u[:, 3], 1.0)
@@ -82,7 +83,7 @@ def affine_matrices(d: FastaiDraw) -> torch.Tensor:
 def warp_homographies(warp: torch.Tensor) -> torch.Tensor:
     """[B,3,3] the homography taking fastai's moved corners to the corners (-1,-1) ... (1,1)."""
     x_t, y_t = warp[:, 0], warp[:, 1]
-    corners = torch.tensor([[-1., -1.], [-1., 1.], [1., -1.], [1., 1.]], device=warp.device)
+    corners = _corners(warp.device)
     moved = torch.stack([torch.stack([-1 - y_t, -1 - x_t], 1), torch.stack([-1 + y_t, 1 + x_t], 1),
                          torch.stack([1 + y_t, -1 + x_t], 1), torch.stack([1 - y_t, 1 - x_t], 1)], 1)
     rows = []
@@ -94,8 +95,14 @@ def warp_homographies(warp: torch.Tensor) -> torch.Tensor:
         rows.append(torch.stack([zero, zero, zero, p, q, one, -ty * p, -ty * q], 1))
     a = torch.stack(rows, 1)
     rhs = corners.reshape(1, 8).expand(len(warp), 8)
-    coeffs = torch.linalg.solve(a, rhs)
+    coeffs = torch.linalg.solve_ex(a, rhs).result   # solve_ex: no error check, no CUDA sync
     return torch.cat([coeffs, one[:, None]], 1).view(-1, 3, 3)
+
+
+@functools.lru_cache(maxsize=None)
+def _corners(device: torch.device) -> torch.Tensor:
+    # made once per device: a host->device copy per batch would synchronise every CUDA step
+    return torch.tensor([[-1., -1.], [-1., 1.], [1., -1.], [1., 1.]], device=device)
 
 
 def _reflect(c: torch.Tensor) -> torch.Tensor:

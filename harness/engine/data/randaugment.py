@@ -18,6 +18,7 @@ was drawn (`torch.where`): a fixed cost, no host synchronisation.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -46,7 +47,7 @@ def rand_augment(x: torch.Tensor, size: int, generator: torch.Generator, fill: t
     coords = output_coords(b, size, device).clone()
     coords[..., 0] = torch.where(flip[:, None, None], -coords[..., 0], coords[..., 0])
     out = sample(x, crop_grid(boxes, coords)).round_().clamp_(0, 255)
-    fill_t = torch.tensor(fill, device=device, dtype=torch.float32).view(1, -1, 1, 1)
+    fill_t = _per_channel(fill, device)
     for _ in range(LAYERS):
         op = torch.randint(0, len(OPS), (b,), generator=generator, device=device)
         u = torch.rand(b, 2, generator=generator, device=device)
@@ -72,9 +73,16 @@ def apply_layer(x: torch.Tensor, kind: torch.Tensor, m: torch.Tensor, sign: torc
     ]
     out = x
     for names, compute in candidates:
-        chosen = torch.isin(kind, torch.tensor([_KIND[n] for n in names], device=x.device))
+        chosen = functools.reduce(torch.logical_or, [kind == _KIND[n] for n in names])
         out = torch.where(chosen[:, None, None, None], compute(), out)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _per_channel(fill: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """Per-channel values as [1,C,1,1] on the device. Made once per device: a host->device
+    copy per batch would synchronise every CUDA step."""
+    return torch.tensor(fill, device=device, dtype=torch.float32).view(1, -1, 1, 1)
 
 
 def _per_image(v: torch.Tensor) -> torch.Tensor:
@@ -122,7 +130,7 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
     """PIL's "L": [B,1,H,W], rounded; a one-channel image is its own grey."""
     if x.shape[1] == 1:
         return x
-    luma = torch.tensor(_LUMA, device=x.device).view(1, 3, 1, 1)
+    luma = _per_channel(_LUMA, x.device)
     return (x * luma).sum(1, keepdim=True).round()
 
 

@@ -8,6 +8,7 @@ train the recipe from scratch with their seed.
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ import optuna
 
 from harness import stats
 from harness.engine import data as data_mod
+from harness.engine.data.resize import stored_size
 from harness.engine.recipe import Recipe
 from harness.engine.shift import Corruption, accuracy, corrupted_batches, corruptions, per_class
 from harness.errors import HarnessError
@@ -66,8 +68,9 @@ def plan_compare(study: Study, seeds: int | str | None = None) -> ComparePlan:
     root = cfg.shift_folder(Path(study.source))
     if root is not None:
         base = study.recipe_for(study.strategies[0], {}).data
-        folder = data_mod.load_folder(root, data_mod.class_names(base), base.image_size,
-                                      f"{study.source}: compare.shift_root")
+        stored = stored_size(base)   # decoded as the test split is: resized, centre-cropped per batch
+        folder = data_mod.load_folder(root, data_mod.class_names(base), stored, f"{study.source}: compare.shift_root")
+        folder = dataclasses.replace(folder, size=base.image_size, stored=stored)
     return ComparePlan(first, most, auto, tuple(corruptions(cfg.corruptions)), folder, cfg.shift_per_class)
 
 

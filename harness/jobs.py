@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from harness.engine.data.resize import eval_transform
 from harness.engine.groups import group_names
 from harness.engine.lr_find import LRFindResult, RangeTest, chosen_stages, range_test, states_after
 from harness.engine.models import read_checkpoint, save_checkpoint
@@ -33,6 +34,7 @@ def tracked_fine_tune(recipe: Recipe, tracker: MlflowTracker, workspace: str | P
     from harness.report import lr_figure
 
     tracker.log_params(flatten(recipe.to_dict()))
+    tracker.log_params({"data.eval_transform": eval_transform(recipe.data)})   # what val/test images see
     # exact CPU replays need the same torch build and thread count: record them
     tracker.set_tags({"layer_groups": ",".join(group_names(recipe.model.groups)),
                       "runtime.torch": torch.__version__, "runtime.threads": torch.get_num_threads(),

@@ -112,7 +112,7 @@ def body_digest(model: nn.Module) -> str:
 
 def split_digest(split: data_mod.Split) -> str:
     """A split's content: its uint8 images, labels and the size batches come out at."""
-    h = hashlib.sha256(f"{tuple(split.x.shape)}|{split.x.dtype}|{tuple(split.y.shape)}|{split.size}".encode())
+    h = hashlib.sha256(f"{tuple(split.x.shape)}|{split.x.dtype}|{tuple(split.y.shape)}|{split.size}|{split.stored}".encode())
     h.update(_tensor_bytes([split.x, split.y]))
     return h.hexdigest()
 
@@ -191,7 +191,7 @@ class Probe:
         """Would the features of `n_images` images like `split`'s first fit the cache's byte
         budget? If not, the stage runs uncached: a cache must not cost device memory the
         uncached run does not need."""
-        one = compute_features(self.model, data_mod.Split(split.x[:1], split.y[:1], split.size), self.device, 1)
+        one = compute_features(self.model, data_mod.Split(split.x[:1], split.y[:1], split.size, split.stored), self.device, 1)
         return _nbytes(one) * n_images <= CACHE.max_bytes
 
     def features(self, name: str, split: data_mod.Split, chunk: int) -> torch.Tensor:

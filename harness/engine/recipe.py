@@ -15,6 +15,7 @@ from pydantic import (BaseModel, BeforeValidator, Discriminator, Field, StrictIn
 
 from harness.errors import HarnessError
 from harness.engine.archs import TIMM_PREFIX, TORCHVISION_ARCHS, check_timm_arch, is_timm_model
+from harness.engine.eval_crop import SMALL_IMAGE, default_crop_pct   # SMALL_IMAGE: at or below, CIFAR-style defaults
 from harness.engine.schedule import DEFAULT_MOMS
 from harness.engine.strict_model import StrictModel
 
@@ -91,7 +92,6 @@ class Stage(StrictModel):
         return group_lrs(None, self.lr, n_groups, sliced=False)
 
 
-SMALL_IMAGE = 64   # at or below: CIFAR-style defaults (augment flip, no eval crop); above: ImageNet-style
 
 
 def _augment_name(v: Any) -> Any:
@@ -187,6 +187,25 @@ class Recipe(StrictModel):
     model: ModelConfig = ModelConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     stages: Annotated[list[Stage], Field(min_length=1)]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_crop_pct(cls, d: Any) -> Any:
+        """An unset data.crop_pct becomes a number here, from the image size and the weights
+        (harness/engine/eval_crop.py), so an exported recipe names it and replays exactly."""
+        if not isinstance(d, dict):
+            return d
+        data, model = d.get("data", {}), d.get("model", {})
+        if isinstance(data, DataConfig):
+            data = data.model_dump()
+        if isinstance(model, ModelConfig):
+            model = model.model_dump()
+        if not isinstance(data, dict) or not isinstance(model, dict) or data.get("crop_pct") is not None:
+            return d
+        crop_pct = default_crop_pct(data.get("image_size", DataConfig.model_fields["image_size"].default),
+                                    model.get("arch", ModelConfig.model_fields["arch"].default),
+                                    model.get("weights", ModelConfig.model_fields["weights"].default))
+        return d if crop_pct is None else {**d, "data": {**data, "crop_pct": crop_pct}}
 
     @model_validator(mode="after")
     def _stages_fit_model(self) -> "Recipe":

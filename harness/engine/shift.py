@@ -73,7 +73,7 @@ def per_class(split: data_mod.Split, n: int | None) -> data_mod.Split:
     keep = torch.zeros(len(split.y), dtype=torch.bool, device=split.y.device)
     for c in split.y.unique():
         keep[(split.y == c).nonzero().flatten()[:n]] = True
-    return data_mod.Split(split.x[keep], split.y[keep], split.size)
+    return data_mod.Split(split.x[keep], split.y[keep], split.size, split.stored)
 
 
 def corruptions(spec: dict[str, list[int]]) -> list[Corruption]:

@@ -11,9 +11,11 @@ One module per concern, input to batch; the public names are re-exported here
 - splits.py    `Split` / `Dataset`, the class subset, the seeded train/val split, a carved test split;
 - load.py      `load_dataset`: all of the above, as a `Dataset` of CPU uint8 tensors;
 - resize.py    shorter side to the size, centre crop (when decoding, and per batch on the device);
+               `stored_size`: image_size / crop_pct, what evaluation resizes to before its crop;
 - batches.py   on-device batches: shuffled (`train_batches`, in the order of `train_indices`)
                or in order (`eval_batches`), resized and normalised;
-- augment.py   augmentation of a batch on the device, from the run's generator.
+- augment.py   augmentation of a batch on the device, from the run's generator (flip, the
+               random resized crop); fastai_aug.py and randaugment.py: `fastai`, `randaugment`.
 
 Where the data path grows: a new kind of input is a module beside fashion.py and folders.py
 plus a branch in sources.py; parallel decoding goes in folders.py's `decode_imagefolder`; another

@@ -1,6 +1,6 @@
 """Batches for the training loop, on the split's device: shuffled full batches with
-augmentation (`train_batches`), every example in order (`eval_batches`); each resized to the
-split's size and normalised with the weights' statistics."""
+augmentation (`train_batches`), every example in order (`eval_batches`: resized to the split's
+stored size, centre-cropped to its size); each normalised with the weights' statistics."""
 from __future__ import annotations
 
 import functools
@@ -8,8 +8,10 @@ from collections.abc import Iterator
 
 import torch
 
-from harness.engine.data.augment import crop_flip
-from harness.engine.data.resize import resize
+from harness.engine.data.augment import crop_flip, random_crop_flip
+from harness.engine.data.fastai_aug import fastai_augment
+from harness.engine.data.randaugment import rand_augment
+from harness.engine.data.resize import centre_crop, resize
 from harness.engine.data.splits import Split
 from harness.engine.input_stats import InputStats
 from harness.errors import HarnessError
@@ -17,7 +19,7 @@ from harness.errors import HarnessError
 
 def to_device(split: Split, device: torch.device) -> Split:
     """The same split with x (still uint8) and y on `device`."""
-    return Split(split.x.to(device), split.y.to(device), split.size)
+    return Split(split.x.to(device), split.y.to(device), split.size, split.stored)
 
 
 def normalize(x: torch.Tensor, stats: InputStats | None = None) -> torch.Tensor:
@@ -39,10 +41,18 @@ def _mean_std(device: torch.device, mean: tuple, std: tuple) -> tuple[torch.Tens
 
 
 def raw_images(split: Split, idx) -> torch.Tensor:
-    """Images `idx` of a split, resized to split.size on their device, still uint8."""
+    """Images `idx` of a split as evaluation sees them, on their device, still uint8: resized
+    to split.stored, then centre-cropped to split.size (stored == size: resized only)."""
+    x = _stored_images(split, idx)
+    return x if split.size is None else centre_crop(x, split.size)
+
+
+def _stored_images(split: Split, idx) -> torch.Tensor:
+    """Images `idx` resized to split.stored (or split.size when unset), still uint8."""
     x = split.x[idx]
-    if split.size is not None and x.shape[-2:] != (split.size, split.size):
-        x = resize(x, split.size)
+    stored = split.stored or split.size
+    if stored is not None and x.shape[-2:] != (stored, stored):
+        x = resize(x, stored)
     return x
 
 
@@ -73,14 +83,35 @@ def train_batches(
     split: Split, batch_size: int, generator: torch.Generator, augment: str,
     stats: InputStats | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One shuffled epoch of full batches: (normalised float32 [B,3,H,W], int64 labels)."""
+    """One shuffled epoch of full batches: (normalised float32 [B,3,H,W], int64 labels),
+    augmented as `augment` says (none | flip | fastai | randaugment, see augment.py)."""
+    if augment not in AUGMENTS:
+        raise HarnessError(f"data.augment: unknown {augment!r} (known: {', '.join(AUGMENTS)})")
     for idx in train_indices(len(split.y), batch_size, generator, split.x.device):
-        images = _batch(split, idx, stats)
-        if augment == "flip":
-            images = crop_flip(images, generator)
-        elif augment != "none":
-            raise HarnessError(f"data.augment: {augment!r} is not available yet")
-        yield images, split.y[idx]
+        yield _train_batch(split, idx, generator, augment, stats), split.y[idx]
+
+
+AUGMENTS = ("none", "flip", "fastai", "randaugment")
+
+
+def _train_batch(split: Split, idx, generator: torch.Generator, augment: str,
+                 stats: InputStats | None) -> torch.Tensor:
+    """Images `idx`, augmented from `generator` and normalised. `none` is the evaluation
+    transform; `flip` keeps its order (normalise, then crop) and, when nothing is cropped
+    for evaluation, its exact stream of draws; fastai and randaugment sample the stored image."""
+    size = split.size or split.x.shape[-1]
+    if augment == "none":
+        return _batch(split, idx, stats)
+    if augment == "flip":
+        stored = _stored_images(split, idx)
+        if stored.shape[-1] == size:
+            return crop_flip(normalize(stored, stats), generator)
+        return random_crop_flip(normalize(stored, stats), size, generator)
+    if augment == "fastai":
+        return normalize(fastai_augment(split.x[idx], size, generator), stats)
+    stats = stats or InputStats()
+    fill = tuple(round(255 * m) for m in stats.mean) if split.x.shape[1] == 3 else (round(255 * sum(stats.mean) / 3),)
+    return normalize(rand_augment(split.x[idx], size, generator, fill), stats)
 
 
 def eval_batches(split: Split, batch_size: int,

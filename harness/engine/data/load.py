@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from harness.engine.data.cache import prepared_dataset
+from harness.engine.data.resize import stored_size
 from harness.engine.data.sources import all_class_names
 from harness.engine.data.splits import (Dataset, Split, cap_test, carve_test, resolve_classes, split_indices,
                                         subset)
@@ -57,9 +58,9 @@ def load_dataset(cfg: Any, workspace: Path, seed: int) -> Dataset:
         val = subset(prepared["val_x"], prepared["val_y"], remap)
     else:
         val = Split(pool_x[val_idx], remap[pool_y[val_idx]])
-    size = cfg.image_size
-    return Dataset(train=Split(train.x, train.y, size), val=Split(val.x, val.y, size),
-                   test=Split(test.x, test.y, size), class_names=[names[c] for c in chosen])
+    size, stored = cfg.image_size, stored_size(cfg)   # batches: resized to `stored`, cropped to `size`
+    return Dataset(train=Split(train.x, train.y, size, stored), val=Split(val.x, val.y, size, stored),
+                   test=Split(test.x, test.y, size, stored), class_names=[names[c] for c in chosen])
 
 
 def class_names(cfg: Any) -> list[str]:

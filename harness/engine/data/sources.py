@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.engine.data import csvfile, fashion, folders
+from harness.engine.data.resize import stored_size
 
 
 @dataclass(frozen=True)
@@ -30,13 +31,13 @@ def open_source(cfg: Any, workspace: Path) -> Source:
         return Source(cfg.dataset, f"{files_dir.resolve()}", "native", partial(fashion.decode_fashion, files_dir))
     if cfg.dataset == "csv":   # a CSV of image paths and labels: decoded as an image folder is
         layout, names = csvfile.scan_csv(cfg)
-        return Source(cfg.dataset, csvfile.csv_identity(cfg.csv, layout), f"{cfg.image_size}px",
-                      partial(csvfile.decode_csv, layout, names, cfg.image_size))
+        return Source(cfg.dataset, csvfile.csv_identity(cfg.csv, layout), f"{stored_size(cfg)}px",
+                      partial(csvfile.decode_csv, layout, names, stored_size(cfg)))
     layout, names = folders.scan_imagefolder(cfg.root)
     identity = f"{Path(cfg.root).resolve()}|{folders.fingerprint(layout)}"
     # images of many sizes: decoded once to one size
-    return Source(cfg.dataset, identity, f"{cfg.image_size}px",
-                  partial(folders.decode_imagefolder, layout, names, cfg.image_size))
+    return Source(cfg.dataset, identity, f"{stored_size(cfg)}px",
+                  partial(folders.decode_imagefolder, layout, names, stored_size(cfg)))
 
 
 def all_class_names(cfg: Any) -> list[str]:

@@ -17,6 +17,7 @@ class Split:
     x: torch.Tensor  # uint8 [N, C, H, W], C = 1 or 3
     y: torch.Tensor  # int64 [N], labels 0..n_classes-1
     size: int | None = None   # batches come out at size x size (resized per batch); None: as stored
+    stored: int | None = None  # resized to this first, then centre-cropped to size (eval); None: size
 
 
 @dataclass(frozen=True)
@@ -108,4 +109,4 @@ def cap_test(split: Split, n_classes: int, cap: int) -> Split:
     """At most `cap` examples of each of the n_classes, drawn with the test split's fixed seed
     (the same for every run seed), in the split's own order."""
     keep, _ = split_indices(split.y, list(range(n_classes)), cap, 0.0, _TEST_SPLIT_SEED)
-    return Split(split.x[keep], split.y[keep], split.size)
+    return Split(split.x[keep], split.y[keep], split.size, split.stored)

@@ -92,8 +92,10 @@ class Prefetcher:
         self.store, self.pin = store, pin
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="harness-rows")
 
-    def submit(self, idx: torch.Tensor) -> Future:
-        rows = self.store.rows[idx.cpu()]
+    def submit(self, idx: torch.Tensor | slice) -> Future:
+        """Start reading rows `idx` (CPU indices, or a slice) of the store; the future's result
+        is the uint8 batch."""
+        rows = self.store.rows[idx].reshape(-1)
         out = torch.empty((len(rows), *self.store.row_shape), dtype=torch.uint8, pin_memory=self.pin)
         return self.pool.submit(self.store.read, rows, out)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from harness.engine.data import plan as plan_mod
-from harness.engine.data.rows import Prefetcher, RowFile
+from harness.engine.data.host_rows import Prefetcher, HostRows
 from harness.errors import HarnessError
 
 GB = 10**9
@@ -72,7 +72,7 @@ def _npy(tmp_path, n=40, shape=(3, 6, 5)):
 
 def test_rows_read_from_the_file_equal_the_array_in_the_asked_order(tmp_path):
     path, x = _npy(tmp_path)
-    store = RowFile.open(path)
+    store = HostRows.open(path)
     assert store.shape == tuple(x.shape) and len(store) == 40 and store.dtype == torch.uint8
     idx = torch.tensor([7, 3, 39, 0, 3])
     assert torch.equal(store[idx], x[idx])
@@ -84,7 +84,7 @@ def test_rows_read_from_the_file_equal_the_array_in_the_asked_order(tmp_path):
 
 def test_the_prefetcher_reads_the_same_rows_on_its_thread(tmp_path):
     path, x = _npy(tmp_path)
-    store = RowFile.open(path).take(torch.arange(20, 40))
+    store = HostRows.open(path).take(torch.arange(20, 40))
     pre = Prefetcher(store, pin=False)
     try:
         futures = [pre.submit(torch.tensor([k, 19 - k])) for k in range(5)]
@@ -96,7 +96,7 @@ def test_the_prefetcher_reads_the_same_rows_on_its_thread(tmp_path):
 
 def test_a_truncated_file_is_a_clear_error_not_garbage(tmp_path):
     path, _ = _npy(tmp_path)
-    store = RowFile.open(path)
+    store = HostRows.open(path)
     path.write_bytes(path.read_bytes()[: store.offset + 10 * 90])
     assert torch.equal(store[torch.tensor([9])], store[torch.tensor([9])])
     with pytest.raises(OSError, match="short read at row 39"):
@@ -106,4 +106,4 @@ def test_a_truncated_file_is_a_clear_error_not_garbage(tmp_path):
 def test_only_uint8_image_arrays_open(tmp_path):
     np.save(tmp_path / "f.npy", np.zeros((2, 3, 4, 4), dtype=np.float32))
     with pytest.raises(ValueError, match="not a C-ordered uint8"):
-        RowFile.open(tmp_path / "f.npy")
+        HostRows.open(tmp_path / "f.npy")

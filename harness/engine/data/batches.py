@@ -12,7 +12,7 @@ from harness.engine.data.augment import crop_flip, random_crop_flip
 from harness.engine.data.fastai_aug import fastai_augment
 from harness.engine.data.randaugment import rand_augment
 from harness.engine.data.resize import centre_crop, resize
-from harness.engine.data.rows import Prefetcher, RowFile
+from harness.engine.data.host_rows import Prefetcher, HostRows
 from harness.engine.data.splits import Split
 from harness.engine.input_stats import InputStats
 from harness.errors import HarnessError
@@ -20,14 +20,14 @@ from harness.errors import HarnessError
 
 def to_device(split: Split, device: torch.device) -> Split:
     """The same split with x (still uint8) and y on `device`; host-resident images (a
-    `RowFile`, data.residency host) stay where they are and travel a batch at a time."""
-    x = split.x if isinstance(split.x, RowFile) else split.x.to(device)
+    `HostRows`, data.residency host) stay where they are and travel a batch at a time."""
+    x = split.x if isinstance(split.x, HostRows) else split.x.to(device)
     return Split(x, split.y.to(device), split.size, split.stored)
 
 
 def _read(split: Split, idx) -> torch.Tensor:
     """Images `idx` as stored, on the labels' device: indexed there, or read from the host."""
-    if isinstance(split.x, RowFile):
+    if isinstance(split.x, HostRows):
         return split.x[idx.cpu() if isinstance(idx, torch.Tensor) else idx].to(split.y.device)
     return split.x[idx]
 
@@ -36,7 +36,7 @@ def _read_ahead(split: Split, batches: Iterator) -> Iterator[tuple[object, torch
     """(idx, images as stored on the labels' device) for each idx of `batches`. Host-resident
     images are read one batch ahead on a thread (into pinned memory for a GPU), so reading
     overlaps the step; the copy to a GPU is asynchronous."""
-    if not isinstance(split.x, RowFile):
+    if not isinstance(split.x, HostRows):
         for idx in batches:
             yield idx, split.x[idx]
         return

@@ -1,6 +1,6 @@
 """Images that stay on the host: rows of a decoded-data cache file (.npy), read per batch.
 
-`RowFile` stands where a split's uint8 [N,C,H,W] tensor stands when `data.residency` is
+`HostRows` stands where a split's uint8 [N,C,H,W] tensor stands when `data.residency` is
 `host`: `take(idx)` is a lazy subset (no read), `[idx]` reads those rows into memory with
 pread (the page cache serves a second epoch; the process's own memory holds one batch, where
 a memory map would count every page it ever touched), `gather_async` reads the next batch on
@@ -19,14 +19,14 @@ import torch
 
 
 @dataclass(frozen=True)
-class RowFile:
+class HostRows:
     path: Path
     offset: int                  # where row 0 starts in the file (after the .npy header)
     row_shape: tuple[int, ...]   # one image: (C, H, W), uint8
     rows: torch.Tensor           # int64 rows of the file, in this split's order
 
     @classmethod
-    def open(cls, path: str | Path) -> "RowFile":
+    def open(cls, path: str | Path) -> "HostRows":
         """Every row of a C-ordered uint8 .npy file of shape [N, C, H, W]."""
         path = Path(path)
         with open(path, "rb") as f:
@@ -54,9 +54,9 @@ class RowFile:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def take(self, idx: torch.Tensor | slice) -> "RowFile":
+    def take(self, idx: torch.Tensor | slice) -> "HostRows":
         """The rows `idx` of this one, unread."""
-        return RowFile(self.path, self.offset, self.row_shape, self.rows[idx])
+        return HostRows(self.path, self.offset, self.row_shape, self.rows[idx])
 
     def __getitem__(self, idx: torch.Tensor | slice | int) -> torch.Tensor:
         """Rows `idx`, read now: uint8 [len(idx), C, H, W] (an int gives one row's batch of 1)."""
@@ -88,7 +88,7 @@ class Prefetcher:
     """Reads batch k+1's rows on one background thread while batch k trains. `pin` puts the
     buffers in page-locked memory, so the copy to a GPU can overlap compute (non_blocking)."""
 
-    def __init__(self, store: RowFile, pin: bool):
+    def __init__(self, store: HostRows, pin: bool):
         self.store, self.pin = store, pin
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="harness-rows")
 

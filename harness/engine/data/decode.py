@@ -3,13 +3,14 @@
 One image: shorter side to S (bilinear, antialiased, on uint8), then the centre S x S crop --
 the geometry of resize.py's `resize`. C = 1 for a grayscale file, else 3 (a dataset stays
 1-channel only if every image is grayscale: `widen`). The decoder is chosen per file, on
-measurement (bench/RESULTS.md, "Decoding image folders"):
+measurement (bench/RESULTS.md, "Decoding image folders"; images/s in one process):
 - a JPEG at least twice S on both sides: PIL with `draft()`, which has libjpeg decode at
-  1/2, 1/4 or 1/8 scale (a 1600x1200 photo to 224 px: 2.2x faster than a full decode);
-- any other RGB or grey JPEG: torchvision.io.decode_jpeg (1.3x PIL's full decode; PIL
-  where a torchvision without it is installed);
+  1/2, 1/4 or 1/8 scale (1600x1200 JPEGs to 224 px: 1.9-2.2x a full PIL decode);
+- any other RGB or grey JPEG: torchvision.io.decode_jpeg (500x375 to 224 px: 1.3-1.9x PIL;
+  PIL where torchvision no longer has it: it is deprecated since torchvision 0.29);
 - everything else (PNG, GIF, CMYK JPEG, ...): PIL, converted to L or RGB as before;
-then torch's uint8 antialiased interpolate (5x the float one, 3.5x PIL's resize).
+then torch's antialiased bilinear interpolate computed on uint8 (with PIL's decode: 1.1-1.3x
+PIL's own resize, 1.7-2.0x the float interpolate the decode used before).
 Every step is deterministic and independent of the thread count, so a file decodes to the
 same bytes in any worker: the parallel decode equals the serial one bitwise.
 
@@ -41,7 +42,7 @@ from harness.errors import HarnessError
 
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 CHUNK_SIZE = 32            # images per task: a chunk at 224 px is 4.8 MB to send back
-PARALLEL_MIN_IMAGES = 256  # below: decoded here (a pool costs ~0.2 s to start; measured)
+PARALLEL_MIN_IMAGES = 512  # below: decoded here; 2 forked workers were no faster up to 512 (bench_decode)
 PROGRESS_MIN_IMAGES = 200  # below: no progress bar (done in about a second)
 _IN_FLIGHT_PER_WORKER = 3  # chunks submitted ahead per worker: bounds memory, keeps workers busy
 

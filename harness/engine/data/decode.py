@@ -162,14 +162,17 @@ def _on_one_thread(paths: Sequence[Path], size: int, field: str) -> np.ndarray:
 
 def _pooled(chunks: list[list[Path]], size: int, field: str, workers: int) -> Iterator[np.ndarray]:
     """decode_chunk over `chunks` in worker processes, yielded in order, a bounded number ahead."""
+    _jpeg_decoder()   # imported here, before the fork: no worker imports anything itself
     pool = ProcessPoolExecutor(workers, mp_context=_context(), initializer=_init_worker)
     pending: deque[Future] = deque()
     todo = iter(chunks)
     try:
-        for chunk in todo:
-            pending.append(pool.submit(decode_chunk, chunk, size, field))
-            if len(pending) >= workers * _IN_FLIGHT_PER_WORKER:
-                break
+        with warnings.catch_warnings():   # Python >= 3.12 warns of any fork of a threaded process
+            warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+            for chunk in todo:   # the first submit forks every worker
+                pending.append(pool.submit(decode_chunk, chunk, size, field))
+                if len(pending) >= workers * _IN_FLIGHT_PER_WORKER:
+                    break
         while pending:
             block = pending.popleft().result()   # a worker's HarnessError is raised here
             chunk = next(todo, None)
@@ -182,8 +185,9 @@ def _pooled(chunks: list[list[Path]], size: int, field: str, workers: int) -> It
 
 def _context():
     """fork where the platform has it (Linux): workers start in ~0.1 s with every module loaded;
-    they use torch on one thread and never CUDA, so the parent's thread pools do not matter
-    (DataLoader's workers do the same). Elsewhere spawn, which re-imports the harness."""
+    they run PIL, numpy and torch on one thread, never CUDA and never an import, so the
+    parent's thread pools and locks do not matter (DataLoader's workers fork the same way).
+    Elsewhere spawn, which imports the harness again in every worker (~4 s)."""
     methods = multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("fork" if "fork" in methods and sys.platform == "linux" else "spawn")
 

@@ -147,8 +147,9 @@ def test_fashion_cache_file_is_written_and_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(cache, "_MEMORY_CACHE", {})
     cfg = make_cfg(classes=["Coat"], train_per_class=20)
     first = data.load_dataset(cfg, tmp_path, seed=0)
-    cache_files = list((tmp_path / "cache").glob("*.pt"))
+    cache_files = list((tmp_path / "cache").glob("*.npy"))   # the images; labels and names in .json
     assert len(cache_files) == 1 and not list((tmp_path / "cache").glob("*.tmp"))
+    assert cache_files[0].with_suffix(".json").is_file()
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again despite the cache")
@@ -203,7 +204,7 @@ def test_fashion_cache_is_one_file_for_every_image_size(tmp_path, monkeypatch):
         ds = data.load_dataset(make_cfg(root=str(tmp_path / "root"), image_size=size), tmp_path / "ws", seed=0)
         assert ds.train.size == size and ds.train.x.shape[-1] == 28
         assert next(data.eval_batches(ds.val, 4))[0].shape[-1] == size
-    assert len(list((tmp_path / "ws" / "cache").glob("*.pt"))) == 1
+    assert len(list((tmp_path / "ws" / "cache").glob("*.npy"))) == 1
 
 
 def test_fashion_not_found_says_how_to_get_it(tmp_path, monkeypatch):
@@ -365,7 +366,7 @@ def test_imagefolder_cache_reused_and_invalidated_by_edits(tmp_path, monkeypatch
     make_folder(tmp_path / "imgs", per_class=3)
     cfg = folder_cfg(tmp_path / "imgs", val_fraction=0.0)
     first = data.load_dataset(cfg, tmp_path / "ws", seed=0)
-    assert len(list((tmp_path / "ws" / "cache").glob("imagefolder-8px-*.pt"))) == 1
+    assert len(list((tmp_path / "ws" / "cache").glob("imagefolder-8px-*.npy"))) == 1
 
     real_decode = folders.decode_imagefolder
     calls = []

@@ -3,11 +3,15 @@
 One module per concern, input to batch; the public names are re-exported here
 (`from harness.engine import data; data.load_dataset(...)`):
 
-- sources.py   the recipe's input as a `Source` (what the cache keys, how to decode it):
+- sources.py   the recipe's input as a `Source` (what the cache keys, how to decode it, how big):
   fashion.py   Fashion-MNIST's IDX files: found (root, workspace, system copy, download), read;
   folders.py   image folders: scanned, fingerprinted, decoded once to one size; `load_folder`;
   csvfile.py   a CSV of image paths and labels: scanned into folders.py's layout, decoded alike;
-- cache.py     the decoded dataset, kept in memory and in WORKSPACE/cache/;
+  decode.py    image files to uint8 [C,S,S], in parallel over the cores, with a progress bar;
+  rows.py      where decoded images go, block by block: the cache's .npy file, or memory;
+- cache.py     the decoded dataset, kept in memory and in WORKSPACE/cache/ (memory-mapped .npy);
+- plan.py      the memory plan: device or host residency, from the bytes needed and free;
+- host_rows.py host-resident images (data.residency host): rows read per batch, one ahead;
 - splits.py    `Split` / `Dataset`, the class subset, the seeded train/val split, a carved test split;
 - load.py      `load_dataset`: all of the above, as a `Dataset` of CPU uint8 tensors;
 - resize.py    shorter side to the size, centre crop (when decoding, and per batch on the device);
@@ -18,8 +22,9 @@ One module per concern, input to batch; the public names are re-exported here
                random resized crop); fastai_aug.py and randaugment.py: `fastai`, `randaugment`.
 
 Where the data path grows: a new kind of input is a module beside fashion.py and folders.py
-plus a branch in sources.py; parallel decoding goes in folders.py's `decode_imagefolder`; another
-cache format in cache.py; a new augmentation in augment.py (called from `train_batches`).
+plus a branch in sources.py (a list of image files decodes through `sources.layout_source`);
+another decoder in decode.py; another cache format in cache.py and rows.py; a new
+augmentation in augment.py (called from `train_batches`).
 """
 from __future__ import annotations
 

@@ -70,10 +70,10 @@ def csv_identity(csv_file: str | Path, layout: Layout) -> str:
     return f"{path.resolve()}|{hashlib.sha256(path.read_bytes()).hexdigest()}|{folders.fingerprint(layout)}"
 
 
-def decode_csv(layout: Layout, names: list[str], image_size: int) -> dict[str, Any]:
-    """Decode as an image folder is decoded; an unreadable image names data.csv, not data.root."""
+def decode_csv(layout: Layout, names: list[str], image_size: int, rows: Any) -> dict[str, Any]:
+    """Decode as an image folder is decoded (into `rows`); an unreadable image names data.csv, not data.root."""
     try:
-        return folders.decode_imagefolder(layout, names, image_size)
+        return folders.decode_imagefolder(layout, names, image_size, rows)
     except HarnessError as exc:
         message = str(exc)
         if message.startswith("data.root: "):

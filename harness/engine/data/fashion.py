@@ -75,14 +75,33 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims).copy()
 
 
-def decode_fashion(files_dir: Path) -> dict[str, Any]:
-    """Read the four idx files into uint8 [N,1,28,28] images and int64 labels."""
+def count_images(files_dir: Path) -> tuple[int, int]:
+    """(images, pixels per side) that the train and t10k image files declare, from their idx
+    headers alone (what a memory plan needs before anything is decoded)."""
+    total, side = 0, 0
+    for part in ("train", "test"):
+        path = files_dir / FASHION_FILES[f"{part}_x"]
+        try:
+            with gzip.open(path, "rb") as f:
+                header = f.read(16)
+        except (OSError, EOFError) as exc:
+            raise HarnessError(f"data.root: cannot read {path}: {exc}") from None
+        if len(header) < 16 or header[:4] != bytes([0, 0, 0x08, 3]):
+            raise HarnessError(f"data.root: {path} is not a uint8 idx file of images")
+        n, height, width = (int(d) for d in np.frombuffer(header, dtype=">i4", count=3, offset=4))
+        total, side = total + n, max(side, height, width)
+    return total, side
+
+
+def decode_fashion(files_dir: Path, rows: Any) -> dict[str, Any]:
+    """Read the four idx files: the uint8 [N,1,28,28] images into `rows` (rows.py), train then
+    test; returns {"class_names", "train_y", "test_y"}, int64 labels."""
     prepared: dict[str, Any] = {"class_names": list(CLASS_NAMES_FASHION)}
     for part in ("train", "test"):
         images = _read_idx(files_dir / FASHION_FILES[f"{part}_x"])
         labels = _read_idx(files_dir / FASHION_FILES[f"{part}_y"])
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise HarnessError(f"data.root: idx files for {part} in {files_dir} do not match")
-        prepared[f"{part}_x"] = torch.from_numpy(images).unsqueeze(1)
+        rows.append(images[:, None])
         prepared[f"{part}_y"] = torch.from_numpy(labels).to(torch.int64)
     return prepared

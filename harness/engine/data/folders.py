@@ -1,24 +1,23 @@
 """Image folders: scanning the class folders (flat, or under train/ val/ test/), their
-fingerprint, decoding every image once to one size, and `load_folder` (a second test folder,
-e.g. for accuracy under shift)."""
+fingerprint, decoding every image once to one size (decode.py, in parallel, into the cache's
+file: rows.py), and `load_folder` (a second test folder, e.g. for accuracy under shift)."""
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
-from harness.engine.data.resize import resize
+from harness.engine.data.decode import CHUNK_SIZE, decode_rows
+from harness.engine.data.rows import RowArray, RowFile
 from harness.engine.data.splits import Split
 from harness.errors import HarnessError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
 Layout = dict[str, list[tuple[Path, int]]]  # split name -> [(image file, class index)]
+ImageRows = RowFile | RowArray              # where decoded images are written
 
 
 def folder_name(class_name: str) -> str:
@@ -39,18 +38,18 @@ def load_folder(root: str | Path, class_names: list[str], image_size: int, field
         said = "; ".join(part for part in (f"not training classes: {', '.join(extra)}" if extra else "",
                                            f"missing: {', '.join(missing)}" if missing else "") if part)
         raise HarnessError(f"{field}: the class folders of {base} differ from the training classes ({said})")
-    images, labels = [], []
+    paths, labels = [], []
     for name, label in sorted(wanted.items(), key=lambda kv: kv[1]):
         files = sorted(p for p in found[name].iterdir()
                        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
         if not files:
             raise HarnessError(f"{field}: class folder {found[name]} has no images")
-        for path in files:
-            images.append(_decode_image(path, image_size, field))
-            labels.append(label)
-    if any(t.shape[0] == 3 for t in images):
-        images = [t.expand(3, -1, -1) for t in images]
-    return Split(torch.stack(images), torch.tensor(labels, dtype=torch.int64), image_size)
+        paths += files
+        labels += [label] * len(files)
+    rows = RowArray(len(paths))   # a test-time folder: held in memory, not cached
+    for block in decode_rows(paths, image_size, field):
+        rows.append(block)
+    return Split(torch.from_numpy(rows.array()), torch.tensor(labels, dtype=torch.int64), image_size)
 
 
 def scan_imagefolder(root: str | None) -> tuple[Layout, list[str]]:
@@ -118,28 +117,16 @@ def fingerprint(layout: Layout) -> str:
     return digest.hexdigest()
 
 
-def _decode_image(path: Path, image_size: int, field: str = "data.root") -> torch.Tensor:
-    """One image file as uint8 [C,S,S], C = 1 for grayscale modes, else 3. Errors name `field`."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            img = img.convert("L" if img.mode in _GRAY_MODES else "RGB")
-    except Exception as exc:
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise HarnessError(f"{field}: cannot read image {path}: {reason}") from None
-    array = np.array(img, dtype=np.uint8)  # a writable copy, so torch can own it
-    tensor = torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
-    return resize(tensor.unsqueeze(0), image_size)[0]
-
-
-def decode_imagefolder(layout: Layout, names: list[str], image_size: int) -> dict[str, Any]:
-    """Decode every image; all stay 1-channel only if every image of the dataset is grayscale."""
-    decoded = {part: [_decode_image(path, image_size) for path, _ in items] for part, items in layout.items()}
-    any_color = any(t.shape[0] == 3 for images in decoded.values() for t in images)
+def decode_imagefolder(layout: Layout, names: list[str], image_size: int, rows: ImageRows, *,
+                       workers: int | None = None, chunk_size: int = CHUNK_SIZE) -> dict[str, Any]:
+    """Decode every image of `layout` at `image_size` into `rows` (harness/engine/data/rows.py),
+    part by part in the layout's order, in parallel (harness/engine/data/decode.py); returns
+    {"class_names", "<part>_y"...}, the labels in that same order. All images stay 1-channel
+    only if every image of the dataset is grayscale (the rows' rule)."""
+    paths = [path for items in layout.values() for path, _ in items]
+    for block in decode_rows(paths, image_size, "data.root", workers, chunk_size):
+        rows.append(block)
     prepared: dict[str, Any] = {"class_names": list(names)}
-    for part, images in decoded.items():
-        if any_color:
-            images = [t.expand(3, -1, -1) for t in images]
-        prepared[f"{part}_x"] = torch.stack(images)
-        prepared[f"{part}_y"] = torch.tensor([label for _, label in layout[part]], dtype=torch.int64)
+    for part, items in layout.items():
+        prepared[f"{part}_y"] = torch.tensor([label for _, label in items], dtype=torch.int64)
     return prepared

@@ -238,7 +238,7 @@ def test_cache_reused_and_invalidated_when_the_csv_or_an_image_changes(tmp_path,
     csv_file = write_csv(root / "labels.csv", ["file,label", *folder_rows(root, per_class=3)])
     cfg = csv_cfg(csv_file, val_fraction=0.0)
     first = load(cfg, tmp_path / "ws")
-    assert len(list((tmp_path / "ws" / "cache").glob("csv-8px-*.pt"))) == 1
+    assert len(list((tmp_path / "ws" / "cache").glob("csv-8px-*.npy"))) == 1
 
     real_decode, calls = folders.decode_imagefolder, []
     monkeypatch.setattr(folders, "decode_imagefolder", lambda *args: calls.append(1) or real_decode(*args))

@@ -48,9 +48,10 @@ def open_source(cfg: Any, workspace: Path) -> Source:
 
 
 def layout_source(dataset: str, identity: str, layout: folders.Layout, names: list[str], image_size: int,
-                  decode: Callable[..., dict[str, Any]] = folders.decode_imagefolder) -> Source:
+                  decode: Callable[..., dict[str, Any]] | None = None) -> Source:
     """Image files of many sizes (a folder's, a CSV's), decoded once to `image_size` (the
     stored size: image_size / crop_pct)."""
+    decode = decode or folders.decode_imagefolder   # looked up at call time
     return Source(dataset, identity, f"{image_size}px", partial(decode, layout, names, image_size),
                   n_images=sum(len(items) for items in layout.values()), stored_size=image_size, channels=3)
 

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from harness.engine.data.plan import plan_for
 from harness.engine.data.resize import eval_transform
 from harness.engine.groups import group_names
 from harness.engine.lr_find import LRFindResult, RangeTest, chosen_stages, range_test, states_after
@@ -35,12 +36,14 @@ def tracked_fine_tune(recipe: Recipe, tracker: MlflowTracker, workspace: str | P
 
     tracker.log_params(flatten(recipe.to_dict()))
     tracker.log_params({"data.eval_transform": eval_transform(recipe.data)})   # what val/test images see
+    memory = plan_for(recipe.data, Path(workspace), resolve_device(recipe.device))
+    tracker.log_params(memory.params())   # where the images live, and the bytes that decided it
     # exact CPU replays need the same torch build and thread count: record them
     tracker.set_tags({"layer_groups": ",".join(group_names(recipe.model.groups)),
                       "runtime.torch": torch.__version__, "runtime.threads": torch.get_num_threads(),
                       "runtime.device": str(resolve_device(recipe.device))})
     tracker.log_text(recipe.to_yaml(), "recipe.yaml")
-    result = fine_tune(recipe, tracker, workspace, report=report, progress=progress, plan=plan)
+    result = fine_tune(recipe, tracker, workspace, report=report, progress=progress, plan=plan, memory=memory)
     tracker.set_tags({"harness.status": result.status})
     if result.input_stats is not None:   # what the inputs were normalised with (the weights' own)
         tracker.log_params({"input.mean": list(result.input_stats.mean), "input.std": list(result.input_stats.std)})

@@ -107,3 +107,66 @@ def test_only_uint8_image_arrays_open(tmp_path):
     np.save(tmp_path / "f.npy", np.zeros((2, 3, 4, 4), dtype=np.float32))
     with pytest.raises(ValueError, match="not a C-ordered uint8"):
         HostRows.open(tmp_path / "f.npy")
+
+
+# --- the plan in a run: host == device bitwise, params, refusal before decoding -------------
+
+def _same_run(a, b) -> bool:
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    return (all(torch.equal(sa[k], sb[k]) for k in sa) and a.lrs == b.lrs
+            and [(e.train_loss, e.val_loss, e.val_accuracy) for e in a.epochs]
+            == [(e.train_loss, e.val_loss, e.val_accuracy) for e in b.epochs] and a.test_accuracy == b.test_accuracy)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("augment", ["flip", "fastai"])
+def test_host_residency_trains_bit_for_bit_as_device_residency(tmp_path, augment):
+    """The same batches, read from the cache file a batch ahead instead of indexed in memory:
+    the same weights, losses, accuracies (CPU)."""
+    from conftest import tiny_recipe_dict
+    from harness.engine.data.host_rows import HostRows
+    from harness.engine.recipe import Recipe
+    from harness.engine.train import fine_tune, prepare
+
+    d = tiny_recipe_dict(data={"augment": augment, "test_per_class": 10})
+    d["stages"] = d["stages"][1:]
+    runs = {}
+    for residency in ("device", "host"):
+        recipe = Recipe.from_dict({**d, "data": {**d["data"], "residency": residency}})
+        assert isinstance(prepare(recipe, tmp_path).train.x, HostRows) == (residency == "host")
+        runs[residency] = fine_tune(recipe, workspace=tmp_path)
+    assert runs["host"].ok and _same_run(runs["device"], runs["host"])
+
+
+def test_a_run_records_its_plan_and_a_refused_one_writes_nothing(tmp_path, monkeypatch):
+    """MLflow params name the residency used and the bytes; `device` that cannot fit is one
+    line with the bytes, exit 2, before anything is decoded (no cache file)."""
+    import yaml
+    from click.testing import CliRunner
+    from mlflow.tracking import MlflowClient
+
+    from conftest import tiny_recipe_dict
+    from harness.cli import main
+
+    d = tiny_recipe_dict(data={"residency": "device"})
+    d["stages"] = d["stages"][:1]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(d))
+    monkeypatch.setattr(plan_mod, "free_ram", lambda: 1000)   # 70,000 Fashion-MNIST images need 55 MB
+    args = ["train", str(recipe), "--workspace", str(tmp_path / "ws"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and res.stderr.splitlines() == [
+        "error: data.residency: device needs 0.05 GB for 70,000 images at 28 px, 0.00 GB free in RAM "
+        "(use host, or a smaller image_size)"]
+    assert not (tmp_path / "ws" / "cache").exists() and not (tmp_path / "m.db").exists()
+
+    monkeypatch.setattr(plan_mod, "free_ram", lambda: 10 * GB)
+    d["data"]["residency"] = "auto"
+    recipe.write_text(yaml.safe_dump(d))
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("harness-train").experiment_id])
+    params = run.data.params
+    assert params["data.residency"] == "auto" and params["data.residency_used"] == "device"
+    assert params["data.bytes_needed"] == str(70_000 * 28 * 28) and params["data.bytes_free"] == str(10 * GB)

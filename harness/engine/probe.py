@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from harness.engine import data as data_mod
+from harness.engine.data.host_rows import HostRows
 from harness.engine.files import torch_save_atomic
 from harness.engine.recipe import Recipe, Stage
 from harness.engine.step import Hyper, autocast, model_format, score, train_step
@@ -113,7 +114,11 @@ def body_digest(model: nn.Module) -> str:
 def split_digest(split: data_mod.Split) -> str:
     """A split's content: its uint8 images, labels and the size batches come out at."""
     h = hashlib.sha256(f"{tuple(split.x.shape)}|{split.x.dtype}|{tuple(split.y.shape)}|{split.size}|{split.stored}".encode())
-    h.update(_tensor_bytes([split.x, split.y]))
+    if isinstance(split.x, HostRows):   # rows of a cache file, whose name is its content's key
+        h.update(f"{split.x.path.name}|{split.x.offset}".encode())
+        h.update(_tensor_bytes([split.x.rows, split.y]))
+    else:
+        h.update(_tensor_bytes([split.x, split.y]))
     return h.hexdigest()
 
 

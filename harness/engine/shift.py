@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 
 from harness.engine import data as data_mod
+from harness.engine.data.splits import take
 from harness.engine.step import score
 
 SEVERITIES: dict[str, tuple[float, ...]] = {
@@ -73,7 +74,7 @@ def per_class(split: data_mod.Split, n: int | None) -> data_mod.Split:
     keep = torch.zeros(len(split.y), dtype=torch.bool, device=split.y.device)
     for c in split.y.unique():
         keep[(split.y == c).nonzero().flatten()[:n]] = True
-    return data_mod.Split(split.x[keep], split.y[keep], split.size, split.stored)
+    return data_mod.Split(take(split.x, keep), split.y[keep], split.size, split.stored)
 
 
 def corruptions(spec: dict[str, list[int]]) -> list[Corruption]:

@@ -68,13 +68,16 @@ def evaluate(model: nn.Module, split: data_mod.Split, batch_size: int, device: t
     return (None, None) if s is None else (s.loss, s.accuracy)
 
 
-def prepare(recipe: Recipe, workspace: str | Path = "workspace", device: str | None = None) -> Prepared:
-    """Seed, pick the device, load the data and build the model as the recipe says."""
+def prepare(recipe: Recipe, workspace: str | Path = "workspace", device: str | None = None,
+            memory: data_mod.MemoryPlan | None = None) -> Prepared:
+    """Seed, pick the device, plan where the images live, load the data and build the model
+    as the recipe says."""
     dev = resolve_device(device or recipe.device)
     torch.manual_seed(recipe.seed)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    ds = data_mod.load_dataset(recipe.data, Path(workspace), recipe.seed)
+    memory = memory or data_mod.plan_for(recipe.data, Path(workspace), dev)
+    ds = data_mod.load_dataset(recipe.data, Path(workspace), recipe.seed, memory.residency)
     train_split = data_mod.to_device(ds.train, dev)
     n_iter = _steps_per_epoch(len(train_split.y), recipe.data.batch_size)
     model = _build(recipe, len(ds.class_names))
@@ -87,9 +90,10 @@ def prepare(recipe: Recipe, workspace: str | Path = "workspace", device: str | N
 def check_inputs(recipe: Recipe, workspace: str | Path = "workspace") -> None:
     """Fail before anything is recorded: the device exists, the data loads (and is then
     cached in memory for the run), the weights are there and fit the arch."""
-    resolve_device(recipe.device)
+    dev = resolve_device(recipe.device)
     probe_mod.cache_mode()   # a bad HARNESS_FEATURE_CACHE fails here, not mid-run
-    ds = data_mod.load_dataset(recipe.data, Path(workspace), recipe.seed)
+    memory = data_mod.plan_for(recipe.data, Path(workspace), dev)   # refused before anything is decoded
+    ds = data_mod.load_dataset(recipe.data, Path(workspace), recipe.seed, memory.residency)
     if len(ds.class_names) < 2:   # an image folder with a single class folder
         where = f"data.root: {recipe.data.root}" if recipe.data.dataset == "imagefolder" else "data.classes:"
         raise HarnessError(f"{where} has only one class ({ds.class_names[0]}); a classifier needs at least 2")
@@ -119,14 +123,15 @@ def layer_groups(recipe: Recipe, workspace: str | Path = "workspace") -> LayerGr
 
 def fine_tune(recipe: Recipe, tracker: Tracker | None = None, workspace: str | Path = "workspace", *,
               report: Callable[[int, float | None], None] | None = None, progress: bool = False,
-              plan: StagePlan | None = None) -> Result:
+              plan: StagePlan | None = None, memory: data_mod.MemoryPlan | None = None) -> Result:
     """Run the recipe's stages; log to `tracker`; call `report(epoch, val_accuracy)` after
     every epoch (a pruner may raise from it). Returns the Result with the trained model.
     `plan` continues from a stage checkpoint, stops after a stage, keeps every stage's
     checkpoint (harness/engine/stages.py), or leaves the test split alone (`test=False`:
-    sweeps never look at it while tuning); a stopped run looks at no test split."""
+    sweeps never look at it while tuning); a stopped run looks at no test split. `memory`:
+    where the images live (data/plan.py), planned here when not given."""
     plan = plan or StagePlan()
-    run = prepare(recipe, workspace)
+    run = prepare(recipe, workspace, memory=memory)
     result = Result(group_names=run.model.group_names, n_train=len(run.train.y),
                     class_names=list(run.dataset.class_names), model=run.model, input_stats=run.model.input_stats)
     first, stop, step, epoch = _stage_range(recipe, plan, run, result)

@@ -33,11 +33,12 @@ from harness.engine.data.batches import (eval_batches, normalize, raw_images, st
 from harness.engine.data.fashion import CLASS_NAMES_FASHION, SYSTEM_FASHION_DIR
 from harness.engine.data.folders import IMAGE_EXTENSIONS, folder_name, load_folder
 from harness.engine.data.load import class_names, load_dataset
+from harness.engine.data.plan import MemoryPlan, plan_for
 from harness.engine.data.splits import Dataset, Split
 from harness.engine.input_stats import InputStats
 
 __all__ = [
-    "CLASS_NAMES_FASHION", "IMAGE_EXTENSIONS", "SYSTEM_FASHION_DIR", "Dataset", "InputStats", "Split",
-    "class_names", "eval_batches", "folder_name", "load_dataset", "load_folder", "normalize", "raw_images",
+    "CLASS_NAMES_FASHION", "IMAGE_EXTENSIONS", "SYSTEM_FASHION_DIR", "Dataset", "InputStats", "MemoryPlan", "Split",
+    "class_names", "eval_batches", "folder_name", "load_dataset", "load_folder", "normalize", "plan_for", "raw_images",
     "steps_per_epoch", "to_device", "train_batches", "train_indices",
 ]

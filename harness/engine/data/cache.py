@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from harness.engine.data.host_rows import HostRows
 from harness.engine.data.rows import RowArray, RowFile
 from harness.engine.data.sources import Source, open_source
 from harness.engine.files import write_text_atomic
@@ -32,16 +33,29 @@ _CACHE_VERSION = 3  # bump when the cached files' layout changes, so old files a
 _MEMORY_CACHE: dict[str, dict[str, Any]] = {}
 
 
+def cache_base(source: Source, workspace: Path) -> Path:
+    """WORKSPACE/cache/<dataset>-<size>-<digest>: the cache files' path without suffix."""
+    digest = hashlib.sha256(f"{_CACHE_VERSION}|{source.dataset}|{source.size_key}|{source.identity}".encode()).hexdigest()
+    return Path(workspace) / "cache" / f"{source.dataset}-{source.size_key}-{digest[:16]}"
+
+
+def is_cached(source: Source, workspace: Path) -> bool:
+    """Is the source decoded already (in this process, or complete on disk)?"""
+    base = cache_base(source, workspace)
+    return base.name in _MEMORY_CACHE or base.with_suffix(".json").is_file()
+
+
 def prepared_dataset(cfg: Any, workspace: Path) -> dict[str, Any]:
     """The full decoded dataset {"class_names", "train_x", "train_y", optional "val_x"/"val_y",
     "test_x"/"test_y"}: uint8 images [N, C, S, S] (backed by the cache file's memory map)
-    and int64 labels; from memory, the disk cache, or decoding."""
+    and int64 labels; from memory, the disk cache, or decoding. When the images are in a
+    file, "host" holds each part's rows of it as a `HostRows` (read per batch, never mapped:
+    data.residency host)."""
     source = open_source(cfg, workspace)
-    digest = hashlib.sha256(f"{_CACHE_VERSION}|{source.dataset}|{source.size_key}|{source.identity}".encode()).hexdigest()
-    key = f"{source.dataset}-{source.size_key}-{digest[:16]}"
+    base = cache_base(source, workspace)
+    key = base.name
     if key in _MEMORY_CACHE:
         return _MEMORY_CACHE[key]
-    base = workspace / "cache" / key
     prepared = _read_cache(base)
     if prepared is None:
         prepared = _decode_into_cache(source, base)
@@ -60,7 +74,7 @@ def _read_cache(base: Path) -> dict[str, Any] | None:
         if images.dtype != np.uint8 or list(images.shape) != meta["shape"] \
                 or images.shape[0] != sum(len(y) for y in labels.values()):
             return None
-        return _assemble(meta["class_names"], images, labels)
+        return _assemble(meta["class_names"], images, labels, base.with_suffix(".npy"))
     except Exception:  # a damaged cache is only a miss: decoding again repairs it
         return None
 
@@ -82,7 +96,7 @@ def _decode_into_cache(source: Source, base: Path) -> dict[str, Any]:
         write_text_atomic(base.with_suffix(".json"), json.dumps(meta), mode=0o644)
     except OSError as exc:   # the images are decoded and mapped; the next run decodes again
         warnings.warn(f"could not write dataset cache {base}.json: {exc}", stacklevel=3)
-    return _assemble(decoded["class_names"], images, labels)
+    return _assemble(decoded["class_names"], images, labels, base.with_suffix(".npy"))
 
 
 def _decode_in_memory(source: Source) -> dict[str, Any]:
@@ -96,13 +110,18 @@ def _labels(decoded: dict[str, Any]) -> dict[str, np.ndarray]:
     return {key[:-2]: np.asarray(value, dtype=np.int64) for key, value in decoded.items() if key.endswith("_y")}
 
 
-def _assemble(class_names: list[str], images: np.ndarray, labels: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The prepared dict: each part's images a view of `images` (no copy), its labels."""
+def _assemble(class_names: list[str], images: np.ndarray, labels: dict[str, np.ndarray],
+              file: Path | None = None) -> dict[str, Any]:
+    """The prepared dict: each part's images a view of `images` (no copy), its labels, and
+    each part's rows of `file` (the .npy `images` maps) under "host"."""
     x = torch.from_numpy(images)
     prepared: dict[str, Any] = {"class_names": list(class_names)}
+    in_file = HostRows.open(file) if file is not None else None
     start = 0
     for part, y in labels.items():
         prepared[f"{part}_x"] = x[start:start + len(y)]
         prepared[f"{part}_y"] = torch.from_numpy(y)
+        if in_file is not None:
+            prepared.setdefault("host", {})[part] = in_file.take(slice(start, start + len(y)))
         start += len(y)
     return prepared

@@ -10,11 +10,12 @@ from harness.engine.data.cache import prepared_dataset
 from harness.engine.data.resize import stored_size
 from harness.engine.data.sources import all_class_names
 from harness.engine.data.splits import (Dataset, Split, cap_test, carve_test, resolve_classes, split_indices,
-                                        subset)
+                                        subset, take)
 
 
-def load_dataset(cfg: Any, workspace: Path, seed: int) -> Dataset:
-    """Load cfg.dataset, pick the class subset and seeded train/val split; CPU uint8 tensors.
+def load_dataset(cfg: Any, workspace: Path, seed: int, residency: str = "device") -> Dataset:
+    """Load cfg.dataset, pick the class subset and seeded train/val split; CPU uint8 tensors,
+    or with `residency` "host" (plan.py) rows of the cache file, read a batch at a time.
 
     Per class of the chosen subset, after a shuffle seeded by `seed`:
     - val gets round(n * val_fraction) images (at least 1 when val_fraction > 0 and n >= 2,
@@ -38,26 +39,28 @@ def load_dataset(cfg: Any, workspace: Path, seed: int) -> Dataset:
     chosen = resolve_classes(cfg.classes, names)
     remap = torch.full((len(names),), -1, dtype=torch.int64)
     remap[torch.tensor(chosen, dtype=torch.int64)] = torch.arange(len(chosen))
-    pool_x, pool_y = prepared["train_x"], prepared["train_y"]
+    images = prepared.get("host", {}) if residency == "host" else {}   # no file (a read-only disk): in memory
+    x = {part: images.get(part, prepared[f"{part}_x"]) for part in ("train", "val", "test") if f"{part}_x" in prepared}
+    pool_x, pool_y = x["train"], prepared["train_y"]
 
-    if "test_x" in prepared:
-        test = subset(prepared["test_x"], prepared["test_y"], remap)
+    if "test" in x:
+        test = subset(x["test"], prepared["test_y"], remap)
     else:
         test_idx, rest_idx = carve_test(pool_y, len(names), cfg.val_fraction)
-        test = subset(pool_x[test_idx], pool_y[test_idx], remap)
-        pool_x, pool_y = pool_x[rest_idx], pool_y[rest_idx]
+        test = subset(take(pool_x, test_idx), pool_y[test_idx], remap)
+        pool_x, pool_y = take(pool_x, rest_idx), pool_y[rest_idx]
     if cfg.test_per_class is not None:
         test = cap_test(test, len(chosen), cfg.test_per_class)
 
-    has_val = "val_x" in prepared
+    has_val = "val" in x
     train_idx, val_idx = split_indices(
         pool_y, chosen, cfg.train_per_class, 0.0 if has_val else cfg.val_fraction, seed
     )
-    train = Split(pool_x[train_idx], remap[pool_y[train_idx]])
+    train = Split(take(pool_x, train_idx), remap[pool_y[train_idx]])
     if has_val:
-        val = subset(prepared["val_x"], prepared["val_y"], remap)
+        val = subset(x["val"], prepared["val_y"], remap)
     else:
-        val = Split(pool_x[val_idx], remap[pool_y[val_idx]])
+        val = Split(take(pool_x, val_idx), remap[pool_y[val_idx]])
     size, stored = cfg.image_size, stored_size(cfg)   # batches: resized to `stored`, cropped to `size`
     return Dataset(train=Split(train.x, train.y, size, stored), val=Split(val.x, val.y, size, stored),
                    test=Split(test.x, test.y, size, stored), class_names=[names[c] for c in chosen])

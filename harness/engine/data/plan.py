@@ -17,6 +17,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -93,3 +94,18 @@ def plan_memory(requested: str, bytes_needed: int, device: torch.device, cache_d
     else:
         residency = requested
     return MemoryPlan(residency, requested, bytes_needed, free, disk)
+
+
+def plan_for(cfg: Any, workspace: Path, device: torch.device) -> MemoryPlan:
+    """The plan for a recipe's data (cfg: a validated DataConfig) on `device`: its input found
+    and counted, nothing decoded. Bytes are the upper bound the source states (3 channels
+    unless the source is known to be grey), every split of the input together."""
+    from harness.engine.data.cache import cache_base, is_cached
+    from harness.engine.data.sources import open_source
+
+    source = open_source(cfg, workspace)
+    side = source.stored_size or cfg.image_size
+    needed = source.n_images * source.channels * side * side
+    what = f"{source.n_images:,} images at {side} px"
+    return plan_memory(cfg.residency, needed, device, cache_base(source, workspace).parent,
+                       is_cached(source, workspace), what)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from harness.engine.data.host_rows import HostRows
 from harness.errors import HarnessError
 
 _TEST_SPLIT_SEED = 0  # a test split carved from train is the same for every run seed
@@ -53,10 +54,16 @@ def resolve_classes(classes: list[str | int] | None, names: list[str]) -> list[i
     return chosen
 
 
+def take(x, idx):
+    """Rows `idx` of a split's images: indexed (a tensor), or a lazy subset (host-resident
+    `HostRows`: nothing read until a batch needs it)."""
+    return x.take(idx) if isinstance(x, HostRows) else x[idx]
+
+
 def subset(x: torch.Tensor, y: torch.Tensor, remap: torch.Tensor) -> Split:
     """Keep the examples of the chosen classes (remap >= 0) with their new labels."""
     keep = (remap[y] >= 0).nonzero().flatten()
-    return Split(x[keep], remap[y[keep]])
+    return Split(take(x, keep), remap[y[keep]])
 
 
 def _holdout_count(n: int, fraction: float) -> int:
@@ -109,4 +116,4 @@ def cap_test(split: Split, n_classes: int, cap: int) -> Split:
     """At most `cap` examples of each of the n_classes, drawn with the test split's fixed seed
     (the same for every run seed), in the split's own order."""
     keep, _ = split_indices(split.y, list(range(n_classes)), cap, 0.0, _TEST_SPLIT_SEED)
-    return Split(split.x[keep], split.y[keep], split.size, split.stored)
+    return Split(take(split.x, keep), split.y[keep], split.size, split.stored)

@@ -208,6 +208,16 @@ def test_a_local_tracking_store_keeps_the_model_in_the_workspace_only(tmp_path, 
     assert fetch(tracking, run_id, tmp_path / "elsewhere", 0) is False
 
 
+def test_a_failed_upload_is_one_warning_not_a_failed_trial(tmp_path, monkeypatch, capfd):
+    from services import free_port
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    path = tmp_path / "trial-3.pt"
+    path.write_bytes(b"model")
+    share(Tracking(f"http://127.0.0.1:{free_port()}", tmp_path), "0123abcd", path)   # nobody listens
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: trial-3.pt not uploaded to the MLflow server ("), err
+
+
 # --- the Kubernetes Job ---------------------------------------------------------------------------
 
 K8S_JOB = REPO / "docs" / "k8s" / "worker-job.yaml"

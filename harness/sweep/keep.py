@@ -17,6 +17,7 @@ only copy: the machine that swept is the one that compares.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from harness.engine.files import torch_save_atomic
 from harness.engine.models import build_model
 from harness.engine.recipe import Recipe
 from harness.engine.run_types import Result
+from harness.errors import reason
 
 FORMAT = "finetune-harness-kept/1"
 ARTIFACTS = "kept"      # the artifact folder of a trial's run that holds its kept model
@@ -70,12 +72,16 @@ def shared(tracking_uri: str) -> bool:
 
 def share(tracking, run_id: str, path: Path) -> None:
     """Log the kept file `path` as an artifact of its trial's run (`tracking`: a
-    harness.tracking.Tracking), where every node can read it; nothing on a local store."""
+    harness.tracking.Tracking), where every node can read it; nothing on a local store.
+    A failed upload costs a retrain in a remote compare, not the trial: one warning line."""
     if not shared(tracking.uri):
         return
     tracker = tracking.tracker(run_id)
     try:
         tracker.log_file(path, ARTIFACTS)
+    except Exception as e:
+        print(f"warning: {path.name} not uploaded to the MLflow server ({reason(e)}); a compare on "
+              "another machine trains that trial again", file=sys.stderr, flush=True)
     finally:
         tracker.close()
 

@@ -176,6 +176,8 @@ def _kept_file(folder: Path, recipe: Recipe) -> tuple[Path, dict]:
     return path, model.state_dict()
 
 
+@pytest.mark.slow          # starts the session's MLflow server (about 30 s here), as the other server tests
+@pytest.mark.timeout(600)
 def test_a_kept_model_reaches_another_node_through_the_mlflow_server(tmp_path, mlflow_server):
     """Logged on the trial's run; another node's compare downloads it into its own
     workspace and loads the same weights. Without the artifact: False, nothing left."""

@@ -23,8 +23,9 @@ def _fail_cleanly(fn):
             click.echo(f"error: {e}", err=True)
             sys.exit(getattr(e, "exit_code", 2))
         except KeyboardInterrupt:
+            from harness import interrupts
             click.echo("interrupted", err=True)
-            sys.exit(130)
+            sys.exit(128 + (interrupts.received() or 2))   # 130 for Ctrl-C, 143 for SIGTERM
         except Exception as e:
             # the stores stay consistent: the trial that was running is failed and re-run on resume
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -191,7 +192,7 @@ trials_opt = click.option("--trials", type=click.IntRange(min=1), default=None,
 
 
 def _interruptible() -> None:
-    """First Ctrl-C: stop the running trial cleanly; second: exit at once."""
+    """First Ctrl-C or SIGTERM: stop the running trial cleanly; second: exit at once."""
     from harness import interrupts
     interrupts.install(lambda s: click.echo(s, err=True))
 
@@ -242,8 +243,6 @@ def worker(study_path, strategies, trials, name, seed_offset, stores):
 
     What every machine of a distributed sweep runs, with --storage postgresql://... (or
     HARNESS_STORAGE) and --tracking-uri http://... (or MLFLOW_TRACKING_URI)."""
-    import os
-
     from harness.sweep.study import load_study
     from harness.sweep.run import check_stores
     from harness.sweep.worker import Worker
@@ -253,8 +252,10 @@ def worker(study_path, strategies, trials, name, seed_offset, stores):
     stores.ready()
     _interruptible()
     check_stores(study, stores, selection, workers=2)
-    offset = seed_offset if seed_offset is not None else os.getpid()
-    w = Worker(study, stores, selection, name=name, seed_offset=offset, echo=click.echo)
+    from harness.sweep.connections import warn_if_short
+    warn_if_short(stores.storage, 1, stores.tracking_uri)   # this one worker; the others check for themselves
+    # no --seed-offset (a worker started by hand, a pod, a Ray task): seeds from its random token
+    w = Worker(study, stores, selection, name=name, seed_offset=seed_offset, echo=click.echo)
     w.prepare()
     w.run()
     click.echo(f"{name or 'worker'}: every strategy has its {selection.trials} trials")

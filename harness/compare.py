@@ -23,9 +23,11 @@ from harness.engine.recipe import Recipe
 from harness.engine.shift import Corruption, accuracy, corrupted_batches, corruptions, per_class
 from harness.errors import HarnessError
 from harness.results import trial_recipe
+from harness.sweep.keep import fetch as fetch_kept
 from harness.sweep.keep import load_kept
 from harness.sweep.optuna_studies import best_trial, count_trials, load_ostudy
 from harness.sweep.study import Study
+from harness.tracking import Tracking
 from harness.workspace import Stores
 
 
@@ -216,8 +218,12 @@ class _Scorer:
         row, seed = entry.row, entry.recipe.seed + k
         recipe = entry.recipe.replace(seed=seed)
         device = resolve_device(recipe.device)
-        kept = load_kept(self.stores.kept_models(self.study.name, row.strategy), entry.trial.number, recipe) \
-            if k == 0 else None
+        kept = None
+        if k == 0:   # the sweep's own model: in this workspace, or fetched from the MLflow server
+            folder = self.stores.kept_models(self.study.name, row.strategy)
+            fetch_kept(Tracking(self.stores.tracking_uri, self.stores.workspace),
+                       entry.trial.user_attrs.get("mlflow_run_id"), folder, entry.trial.number)
+            kept = load_kept(folder, entry.trial.number, recipe)
         if kept is not None:
             model, result = kept.model.to(device), kept.result
             result.test_accuracy = evaluate(model, self.test_split(recipe, device), 2 * recipe.data.batch_size,
@@ -331,7 +337,6 @@ def save_comparison(study: Study, cmp: Comparison, stores: Stores) -> Path:
     shift), to a `compare` run in the study's experiment; the winner's seed-0 model is
     logged there as an MLflow PyTorch model."""
     from harness.report import compare_figure
-    from harness.tracking import Tracking
 
     out = stores.reports(study.name)
     out.mkdir(parents=True, exist_ok=True)

@@ -550,6 +550,13 @@ def test_sigkill_on_postgres_is_caught_by_heartbeat(tmp_path, pg_url, mlflow_ser
     assert a2.wait(120) == 0, a2.text
     check_recovered(spec, mlflow_server, name, 4, victim, completed, "heartbeat")
 
+    # kept models are artifacts of their trials' runs on the server: any node's compare reads them
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=mlflow_server)
+    kept = {r.data.tags["optuna.trial_number"]: [f.path for f in client.list_artifacts(r.info.run_id, "kept")]
+            for r in mlflow_runs(mlflow_server, name) if "optuna.trial_number" in r.data.tags}
+    assert any(kept.values()) and all(paths in ([], [f"kept/trial-{n}.pt"]) for n, paths in kept.items()), kept
+
     for log in (a.text, b.text, a2.text):
         assert password not in log
     for r in mlflow_runs(mlflow_server, name):

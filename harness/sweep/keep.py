@@ -6,9 +6,19 @@ statistics and its LR history are saved as WORKSPACE/models/<study>/<strategy>/t
 (written to a temporary file, then renamed). Files of completed trials that it beats are
 removed, so about one file per strategy remains; a file is never removed for a trial that
 is still running (another worker's trial may yet be the best).
+
+On an MLflow server (an http(s) tracking URI, the set-up of a sweep over several machines)
+the file is also logged as the artifact kept/trial-<n>.pt of the trial's run, so `compare`
+on any node finds it: a node without the file downloads it into its own workspace (its
+cache) instead of training the trial again. A beaten file stays in the artifact store
+(about log2(trials) files per strategy). With a local tracking store the workspace is the
+only copy: the machine that swept is the one that compares.
 """
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +31,10 @@ from harness.engine.files import torch_save_atomic
 from harness.engine.models import build_model
 from harness.engine.recipe import Recipe
 from harness.engine.run_types import Result
+from harness.errors import reason
 
 FORMAT = "finetune-harness-kept/1"
+ARTIFACTS = "kept"      # the artifact folder of a trial's run that holds its kept model
 
 
 def path_for(folder: Path, trial_number: int) -> Path:
@@ -51,6 +63,46 @@ def keep_if_best(trial: optuna.Trial, value: float, result: Result, recipe: Reci
     for t in done:   # every completed trial is beaten: its file, if any, is no longer the best
         path_for(folder, t.number).unlink(missing_ok=True)
     return path
+
+
+def shared(tracking_uri: str) -> bool:
+    """Is the tracking store one that every node reads (an MLflow server)?"""
+    return tracking_uri.startswith(("http://", "https://"))
+
+
+def share(tracking, run_id: str, path: Path) -> None:
+    """Log the kept file `path` as an artifact of its trial's run (`tracking`: a
+    harness.tracking.Tracking), where every node can read it; nothing on a local store.
+    A failed upload costs a retrain in a remote compare, not the trial: one warning line."""
+    if not shared(tracking.uri):
+        return
+    tracker = tracking.tracker(run_id)
+    try:
+        tracker.log_file(path, ARTIFACTS)
+    except Exception as e:
+        print(f"warning: {path.name} not uploaded to the MLflow server ({reason(e)}); a compare on "
+              "another machine trains that trial again", file=sys.stderr, flush=True)
+    finally:
+        tracker.close()
+
+
+def fetch(tracking, run_id: str | None, folder: Path, trial_number: int) -> bool:
+    """Is the kept file of trial `trial_number` in `folder`? When it is not, it is first
+    downloaded from the artifacts of run `run_id` (written to a temporary file, then
+    renamed). False when there is none to download: compare then trains the trial again."""
+    path = path_for(folder, trial_number)
+    if path.is_file():
+        return True
+    if not run_id or not shared(tracking.uri):
+        return False
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
+            got = tracking.client.download_artifacts(run_id, f"{ARTIFACTS}/{path.name}", tmp)
+            os.replace(got, path)
+    except Exception:
+        return False     # not logged (an older sweep, a local store), or the store is down
+    return True
 
 
 @dataclass

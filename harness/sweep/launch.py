@@ -113,7 +113,7 @@ def supervise(argv: list[str], envs: list[dict[str, str]], shared_env: dict[str,
                          "or by the next run")
             time.sleep(0.5)
     except KeyboardInterrupt:
-        forward(signal.SIGINT)
+        forward(interrupts.received() or signal.SIGINT)   # a SIGTERM reaches them as one
         for p in procs.values():
             p.wait()
         raise

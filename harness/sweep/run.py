@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from harness.engine.train import check_inputs
-from harness.sweep import launch
+from harness.sweep import connections, launch
 from harness.sweep import storage as st
 from harness.sweep.optuna_studies import count_trials
 from harness.sweep.study import Selection, Study
@@ -36,6 +36,7 @@ def run_sweep(study: Study, stores: Stores, selection: Selection, workers: launc
     `centre` optionally replaces a strategy's first trial (e.g. from lr-find)."""
     envs = launch.worker_envs(study, workers)
     check_stores(study, stores, selection, len(envs))
+    connections.warn_if_short(stores.storage, len(envs), stores.tracking_uri)
     worker = Worker(study, stores, selection, echo=echo)
     worker.prepare(centre)
     n = selection.trials

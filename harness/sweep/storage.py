@@ -156,6 +156,12 @@ class StudyLock:
         self.release()
 
 
+def connect(spec: str):
+    """A connection of its own to the PostgreSQL server of `spec` (closed when the `with`
+    block ends), for the few queries that are not Optuna's."""
+    return _engine(spec).connect()
+
+
 _ENGINES: dict = {}
 
 

@@ -13,7 +13,7 @@ import optuna
 from harness import jobs
 from harness.engine.stages import StagePlan
 from harness.errors import HarnessError
-from harness.sweep.keep import keep_if_best
+from harness.sweep.keep import keep_if_best, share
 from harness.sweep.optuna_studies import best_trial, count_trials
 from harness.sweep.space import suggest
 from harness.sweep.study import Study
@@ -53,7 +53,9 @@ def objective(study: Study, strategy: str, stores: Stores, parent_id: str,
             return math.nan   # optuna records FAILED and the sweep goes on
         if result.val_accuracy is None:
             raise HarnessError("recipe.data.val_fraction: a sweep needs a validation split (> 0)")
-        keep_if_best(trial, result.val_accuracy, result, recipe, stores.kept_models(study.name, strategy))
+        kept = keep_if_best(trial, result.val_accuracy, result, recipe, stores.kept_models(study.name, strategy))
+        if kept is not None:   # where every node reads it, on an MLflow server
+            share(tracking, tracker.run_id, kept)
         return result.val_accuracy
 
     return objective

@@ -8,14 +8,23 @@ trial, the retries and the MLflow parent run are made once, whatever the number 
 
 A dead worker is noticed by Optuna's heartbeat on PostgreSQL; on a journal or SQLite file
 (one machine) by its process id. Its trial ends FAIL, its MLflow run FAILED, and the same
-parameters are queued again (at most RETRIES times).
+parameters are queued again (at most RETRIES times). A worker stopped by Ctrl-C or SIGTERM
+queues its interrupted trial again itself before it exits, for the workers that remain.
+
+A worker is known by a random token drawn at its start (its pid and host are added for
+people reading logs): in containers every replica can have the same pid, so neither its
+identity nor its sampler seed may rest on the pid. Idle workers (the last trials running
+elsewhere) poll with exponential backoff and jitter, so a fleet does not hit the database
+in step.
 """
 from __future__ import annotations
 
 import enum
+import hashlib
 import os
+import random
+import secrets
 import socket
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +40,6 @@ from harness.sweep.trial import Progress, objective, summarize_parent
 from harness.tracking import Tracking
 from harness.workspace import Stores
 
-POLL_S = 2.0
 WORKER_ATTR = "worker"
 
 
@@ -50,14 +58,18 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid()) or '-'}"
+def worker_id(token: str = "") -> str:
+    """`TOKEN@HOST:PID:START` (`HOST:PID:START` without a token): the token tells workers
+    apart, the rest says where one runs and lets `alive` check a process of this host."""
+    where = f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid()) or '-'}"
+    return f"{token}@{where}" if token else where
 
 
 def alive(wid: str) -> bool | None:
     """True/False for a worker of this host; None (unknown) for another host's."""
     try:
         host, pid, started = wid.rsplit(":", 2)
+        host = host.rsplit("@", 1)[-1]
         pid_i = int(pid)
     except ValueError:
         return False
@@ -72,16 +84,41 @@ def alive(wid: str) -> bool | None:
     return started == "-" or _start_time(pid_i) == started
 
 
+class Backoff:
+    """The waits of an idle worker: `first` seconds doubling up to `most`, each drawn within
+    +-`jitter` of its value (workers that went idle together drift apart); `reset()` when
+    work appears."""
+
+    def __init__(self, first: float = 0.5, most: float = 30.0, jitter: float = 0.25,
+                 rng: random.Random | None = None):
+        self.first, self.most, self.jitter = first, most, jitter
+        self.rng = rng or random.Random()
+        self.tries = 0
+
+    def next(self) -> float:
+        base = min(self.most, self.first * 2 ** min(self.tries, 32))
+        self.tries += 1
+        return base * self.rng.uniform(1 - self.jitter, 1 + self.jitter)
+
+    def reset(self) -> None:
+        self.tries = 0
+
+
 class Worker:
     """One process's share of a sweep: `prepare()` joins the studies, `run()` works them off."""
 
     def __init__(self, study: Study, stores: Stores, selection: Selection, name: str = "",
-                 seed_offset: int = 0, echo: Callable[[str], None] = print):
+                 seed_offset: int | None = 0, echo: Callable[[str], None] = print):
+        """`seed_offset`: the sampler's seed is the study's seed + its trial count + this
+        (the local launcher's workers: 0..N-1, reproducible); None derives it from this
+        worker's random token instead (`sampler_seed`)."""
         self.study, self.stores, self.spec = study, stores, stores.storage
         self.strategies, self.n_trials, self.seed_offset = list(selection.strategies), selection.trials, seed_offset
         self.name = name
         self.echo = (lambda s: echo(f"[{name}] {s}")) if name else echo
-        self.id = worker_id()
+        self.token = secrets.token_hex(8)   # 64 random bits: unique whatever the pid
+        self.id = worker_id(self.token)
+        self.trials_run = 0
         self.kind = st.kind(self.spec)
         self.tracking = Tracking(stores.tracking_uri, stores.workspace)
         self.storage = st.open_storage(self.spec, stores.heartbeat, self._on_stale)
@@ -95,7 +132,6 @@ class Worker:
     def prepare(self, centre: dict[str, dict[str, Any]] | None = None) -> None:
         """Open (or create) each strategy's study and parent run; recover dead workers'
         trials; queue the first trial of a new study and the retries of crashed ones."""
-        seed = int(self.study.base.get("seed", 0))
         for s in self.strategies:
             with self._lock(s):
                 name = f"{self.study.name}/{s}"
@@ -106,7 +142,7 @@ class Worker:
                     n = 0
                 ostudy = optuna.create_study(
                     study_name=name, storage=self.storage, load_if_exists=True, direction=self.study.direction,
-                    sampler=make_sampler(self.study.config.sampler, seed + n + self.seed_offset),
+                    sampler=make_sampler(self.study.config.sampler, self.sampler_seed(s, n)),
                     pruner=make_pruner(self.study.config.pruner, self.study.config.budget.epochs))
                 self.ostudies[s] = ostudy
                 self._recover(ostudy)
@@ -116,6 +152,16 @@ class Worker:
                     if first:
                         ostudy.enqueue_trial(first)
                 self.parents[s] = self._parent(s, ostudy)
+
+    def sampler_seed(self, strategy: str, n_trials: int) -> int:
+        """The seed of this worker's sampler for `strategy`, joining a study of `n_trials`
+        trials: the study's seed + n_trials + seed_offset when an offset is given, else a hash
+        of (study seed, strategy, worker token, n_trials), so no two workers draw alike."""
+        seed = int(self.study.base.get("seed", 0))
+        if self.seed_offset is not None:
+            return seed + n_trials + self.seed_offset
+        key = f"{seed}/{strategy}/{self.token}/{n_trials}".encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:4], "big")   # numpy takes 32 bits
 
     def _parent(self, strategy: str, ostudy: optuna.Study) -> str:
         """The strategy's parent run: made once (its id kept in the Optuna study), reopened
@@ -143,7 +189,9 @@ class Worker:
             with interrupts.deferred():   # Ctrl-C is raised between batches and trials
                 waiting = [s for s in self.strategies if self._drain(s) is Claim.BUSY]
                 told: set[str] = set()
+                backoff = Backoff(rng=random.Random(self.token))
                 while waiting:
+                    ran = self.trials_run
                     for s in list(waiting):
                         if self._drain(s) is Claim.COMPLETE:
                             waiting.remove(s)
@@ -151,8 +199,10 @@ class Worker:
                             told.add(s)
                             self.echo(f"[{s}] waiting for the trials running in other workers "
                                       "(a lost one is run again here)")
+                    if self.trials_run != ran:   # a lost trial came back: poll soon again
+                        backoff.reset()
                     if waiting:
-                        time.sleep(POLL_S)
+                        interrupts.sleep(backoff.next())
         except BaseException as e:
             self._abandon(e)
             raise
@@ -183,6 +233,7 @@ class Worker:
 
             run = objective(self.study, strategy, self.stores, self.parents[strategy],
                             on_start=started, worker=self.name or self.id)
+            self.trials_run += 1
             ostudy.optimize(run, n_trials=1, gc_after_trial=True,
                             callbacks=[Progress(strategy, self.n_trials, self.echo)])
         return Claim.RAN
@@ -201,10 +252,18 @@ class Worker:
             self.tracking.finish(run_id)
 
     def _abandon(self, error: BaseException) -> None:
-        """Leaving early: a parent run with no trial running anywhere ends KILLED (Ctrl-C)
-        or FAILED, so the UI shows no sweep as running that is not."""
+        """Leaving early: stopped by Ctrl-C or SIGTERM, the interrupted trial is queued again
+        for the workers that go on; a parent run with no trial running anywhere ends KILLED
+        (stopped) or FAILED, so the UI shows no sweep as running that is not."""
         interrupted = isinstance(error, KeyboardInterrupt)
         for s, ostudy in self.ostudies.items():
+            try:
+                if interrupted:
+                    with self._lock(s):
+                        for number in self._requeue_errored(ostudy):
+                            self.echo(f"[{s}] trial {number} was interrupted; queued again")
+            except Exception:
+                pass   # the next worker to start queues it
             try:
                 c = count_trials(ostudy)
                 if c.done < self.n_trials and c.running == 0:
@@ -243,11 +302,15 @@ class Worker:
         self.echo(f"[{strategy}] trial {trial.number} was lost ({reason}); "
                   + ("queued again" if again else f"not retried: lost {RETRIES + 1} times"))
 
-    def _requeue_errored(self, ostudy: optuna.Study) -> None:
-        """Trials that crashed or were interrupted in an earlier run: queue them again."""
+    def _requeue_errored(self, ostudy: optuna.Study) -> list[int]:
+        """Trials that crashed or were interrupted (caller holds the lock): queue them again
+        once each; the numbers queued."""
         trials = ostudy.get_trials(deepcopy=False)
         retried = {n for t in trials for n in t.user_attrs.get("retry_history", [])}
+        queued = []
         for t in trials:
             if (t.state == TrialState.FAIL and "failure" not in t.user_attrs
                     and t.number not in retried):
-                requeue(ostudy, t)
+                if requeue(ostudy, t):
+                    queued.append(t.number)
+        return queued

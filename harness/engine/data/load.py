@@ -10,7 +10,7 @@ from harness.engine.data.cache import prepared_dataset
 from harness.engine.data.resize import stored_size
 from harness.engine.data.sources import all_class_names
 from harness.engine.data.splits import (Dataset, Split, cap_test, carve_test, resolve_classes, split_indices,
-                                        subset, take)
+                                        TensorRows, subset, take)
 
 
 def load_dataset(cfg: Any, workspace: Path, seed: int, residency: str = "device") -> Dataset:
@@ -40,7 +40,8 @@ def load_dataset(cfg: Any, workspace: Path, seed: int, residency: str = "device"
     remap = torch.full((len(names),), -1, dtype=torch.int64)
     remap[torch.tensor(chosen, dtype=torch.int64)] = torch.arange(len(chosen))
     images = prepared.get("host", {}) if residency == "host" else {}   # no file (a read-only disk): in memory
-    x = {part: images.get(part, prepared[f"{part}_x"]) for part in ("train", "val", "test") if f"{part}_x" in prepared}
+    x = {part: images.get(part, _lazy(prepared[f"{part}_x"])) for part in ("train", "val", "test")
+         if f"{part}_x" in prepared}
     pool_x, pool_y = x["train"], prepared["train_y"]
 
     if "test" in x:
@@ -62,8 +63,18 @@ def load_dataset(cfg: Any, workspace: Path, seed: int, residency: str = "device"
     else:
         val = Split(take(pool_x, val_idx), remap[pool_y[val_idx]])
     size, stored = cfg.image_size, stored_size(cfg)   # batches: resized to `stored`, cropped to `size`
-    return Dataset(train=Split(train.x, train.y, size, stored), val=Split(val.x, val.y, size, stored),
-                   test=Split(test.x, test.y, size, stored), class_names=[names[c] for c in chosen])
+    return Dataset(train=_final(train, size, stored), val=_final(val, size, stored),
+                   test=_final(test, size, stored), class_names=[names[c] for c in chosen])
+
+
+def _lazy(x: torch.Tensor) -> TensorRows:
+    return TensorRows(x, torch.arange(len(x)))
+
+
+def _final(split: Split, size: int, stored: int) -> Split:
+    """The split as batches read it: rows still in a tensor copied out once (only these)."""
+    x = split.x.materialize() if isinstance(split.x, TensorRows) else split.x
+    return Split(x, split.y, size, stored)
 
 
 def class_names(cfg: Any) -> list[str]:

@@ -54,10 +54,24 @@ def resolve_classes(classes: list[str | int] | None, names: list[str]) -> list[i
     return chosen
 
 
+@dataclass(frozen=True)
+class TensorRows:
+    """Rows of an image tensor not yet copied out (a memory-mapped cache's: indexing copies),
+    so a chain of subsets copies only the rows that end in a split (`materialize`)."""
+    x: torch.Tensor
+    rows: torch.Tensor
+
+    def take(self, idx) -> "TensorRows":
+        return TensorRows(self.x, self.rows[idx])
+
+    def materialize(self) -> torch.Tensor:
+        return self.x[self.rows]
+
+
 def take(x, idx):
-    """Rows `idx` of a split's images: indexed (a tensor), or a lazy subset (host-resident
-    `HostRows`: nothing read until a batch needs it)."""
-    return x.take(idx) if isinstance(x, HostRows) else x[idx]
+    """Rows `idx` of a split's images: indexed (a tensor), or a lazy subset (`TensorRows`, or
+    host-resident `HostRows`: nothing read until a batch needs it)."""
+    return x.take(idx) if isinstance(x, (HostRows, TensorRows)) else x[idx]
 
 
 def subset(x: torch.Tensor, y: torch.Tensor, remap: torch.Tensor) -> Split:

@@ -204,7 +204,7 @@ def profile_harness(recipe: Recipe, workspace: Path, tracking: Tracking, n_steps
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="a smoke run: 20 steps, one round, no warm-up")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 10 steps, batch 4, one round, no warm-up")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--per-class", type=int, default=120, help="train images per class (10 classes)")
@@ -217,7 +217,7 @@ def parse(argv):
     p.add_argument("--json", help="write every measurement here")
     args = p.parse_args(argv)
     if args.quick:
-        args.repeats, args.per_class, args.epochs = 1, 8, 2
+        args.repeats, args.per_class, args.batch_size, args.epochs = 1, 2, 4, 2
     return args
 
 

@@ -16,10 +16,10 @@ bare     `prepare(recipe)` (the same seed, data, model init and generator), the 
 bare+data the bare loop drawing its batches from `train_batches` inside its clock, as the
          harness does: (bare+data - bare) is the batch assembly, (harness - bare+data) the
          harness loop's own cost (schedule, LR writes, history, logging, progress bar).
-per step the training phase only. Harness: from its own clock's start (after `prepare`) to
-         the return of each epoch's `log_steps` (the steps, the batch assembly, the per-epoch
-         loss read and the metric batch handed to the logging thread), less each epoch's
-         evaluation of the (tiny) val split, timed through the tracker's and `report`'s calls.
+per step the training phase only. Harness: from the end of `prepare` (wrapped by the bench)
+         or of the previous epoch's `report` call to the return of the epoch's `log_steps`:
+         the steps, the batch assembly, the per-epoch loss read and the metric batch handed
+         to the logging thread; each epoch's evaluation of the (tiny) val split is left out.
          Bare: from the optimizer's creation to its last step. Setup (data load, model build,
          the MLflow run) is outside both.
 trial    the whole `fine_tune` call + `tracker.flush()` against the bare side's `prepare`, batch

@@ -2,7 +2,7 @@
 """The harness's fixed cost per training step: a harness trial against a bare PyTorch loop
 over the same batches, with identical per-step losses (parity 0), timed side by side.
 
-    python bench/bench_step_overhead.py [--quick] [--repeats 5] [--batch-size 8]
+    python bench/bench_step_overhead.py [--quick] [--repeats 4] [--batch-size 8]
         [--per-class 120] [--epochs 2] [--threads 1] [--profile] [--json OUT]
 
 harness  `fine_tune(recipe, tracker)` with the real MlflowTracker (`harness train`'s and the
@@ -205,7 +205,7 @@ def profile_harness(recipe: Recipe, workspace: Path, tracking: Tracking, n_steps
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run: 10 steps, batch 4, one round, no warm-up")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=4, help="measured rounds, after one warm-up round")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--per-class", type=int, default=120, help="train images per class (10 classes)")
     p.add_argument("--epochs", type=int, default=2)

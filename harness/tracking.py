@@ -52,11 +52,12 @@ class MlflowTracker:
 
     # --- the Tracker protocol used by fine_tune ------------------------------------------
     def log_steps(self, first_step: int, series: dict[str, list[float]]) -> None:
-        from mlflow.entities import Metric
+        """Every value of every series at its step (first_step, first_step + 1, ...). The
+        Metric records are made on the logging thread: on the training thread this is a copy
+        of the lists (a caller may reuse them) and a hand-over."""
         ts = int(time.time() * 1000)
-        metrics = [Metric(key, float(v), ts, first_step + i)
-                   for key, values in series.items() for i, v in enumerate(values)]
-        self._send(metrics)
+        copied = {key: list(values) for key, values in series.items()}
+        self._pending.append(self._pool.submit(self._log_series, first_step, copied, ts))
 
     def log_epoch(self, epoch: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -140,6 +141,21 @@ class MlflowTracker:
                         os.environ[k] = v
         self.set_tags({f"{name}_uri": info.model_uri})
         return info.model_uri
+
+    def _log_series(self, first_step: int, series: dict[str, list[float]], ts: int) -> None:
+        """On the logging thread: log_steps' records, in batches of at most BATCH; a failed
+        batch does not keep the others from the store (the first failure is raised at flush)."""
+        from mlflow.entities import Metric
+        metrics = [Metric(key, float(v), ts, first_step + i)
+                   for key, values in series.items() for i, v in enumerate(values)]
+        failure = None
+        for i in range(0, len(metrics), BATCH):
+            try:
+                self.client.log_batch(self.run_id, metrics=metrics[i:i + BATCH])
+            except Exception as e:
+                failure = failure or e
+        if failure is not None:
+            raise failure
 
     def _send(self, metrics: list) -> None:
         for i in range(0, len(metrics), BATCH):

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from harness.engine.schedule import DEFAULT_MOMS, group_lrs, one_cycle_lr, one_cycle_mom
+from harness.engine.schedule import DEFAULT_MOMS, group_lrs, one_cycle_lr, one_cycle_mom, one_cycle_table
 
 
 # --- an independent reference of the doc's formula ---------------------------------------
@@ -91,6 +91,15 @@ def test_one_cycle_lr_matches_the_doc_formula_at_every_step(T, pct, div, div_fin
 def test_one_cycle_mom_matches_the_doc_formula_at_every_step(T, pct, div, div_final):
     for s in range(T):
         assert one_cycle_mom(s, T, pct) == pytest.approx(ref_mom(s, T, pct), rel=1e-12, abs=0), f"step {s}"
+
+
+@pytest.mark.parametrize("T,pct,div,div_final", CYCLES)
+def test_one_cycle_table_is_the_per_step_values_exactly(T, pct, div, div_final):
+    """The loop reads a table made per epoch: the same floats as the per-step functions, bit for bit."""
+    peaks, moms, half = [1e-4, 1e-3, 3e-3], (0.9, 0.8, 0.85), range(T // 2, T)
+    lrs, betas = one_cycle_table(half, T, peaks, div, div_final, pct, moms)
+    assert lrs == [[one_cycle_lr(s, T, p, div, div_final, pct) for p in peaks] for s in half]
+    assert betas == [one_cycle_mom(s, T, pct, moms) for s in half]
 
 
 def test_one_cycle_mom_uses_given_moms():

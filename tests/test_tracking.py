@@ -109,6 +109,34 @@ def test_log_steps_splits_into_batches_of_at_most_1000(uri):
     assert [(m.step, m.value) for m in acc] == [(2, 0.5)]
 
 
+def test_log_steps_keeps_what_it_was_given_and_every_batch_after_a_failed_one(uri):
+    """Metric records are made on the logging thread: a list the caller changes afterwards is
+    logged as it was; a batch the store refuses is raised at flush, and the others are stored."""
+    client = client_for(uri)
+    run_id = client.create_run(client.create_experiment("t")).info.run_id
+    real_log_batch, calls = client.log_batch, []
+
+    def first_fails(run_id_, metrics=(), **kw):
+        calls.append(len(metrics))
+        if len(calls) == 1:
+            raise OSError("store refused")
+        return real_log_batch(run_id_, metrics=metrics, **kw)
+
+    client.log_batch = first_fails
+    tracker = MlflowTracker(client, run_id)
+    loss = [float(i) for i in range(1200)]
+    try:
+        tracker.log_steps(0, {"loss": loss})
+        loss[-1] = -1.0                  # reused by the caller before the thread got to it
+        with pytest.raises(OSError, match="store refused"):
+            tracker.flush()
+    finally:
+        tracker.close()
+    assert calls == [1000, 200]
+    hist = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in hist] == [(s, float(s)) for s in range(1000, 1200)]
+
+
 # --- mlflow_run end states ------------------------------------------------------------------
 
 def test_mlflow_run_ends_finished(tmp_path, uri):

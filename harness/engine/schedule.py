@@ -48,3 +48,11 @@ def one_cycle_mom(step: int, total: int, pct_start: float,
                   moms: Sequence[float] = DEFAULT_MOMS) -> float:
     """Momentum (Adam beta1) at 0-based `step`: high -> low -> high, same for every group."""
     return two_part_cos(step / total, moms[0], moms[1], moms[2], pct_start)
+
+
+def one_cycle_table(steps: range, total: int, peaks: Sequence[float], div: float, div_final: float,
+                    pct_start: float, moms: Sequence[float] = DEFAULT_MOMS) -> tuple[list[list[float]], list[float]]:
+    """(LR per group, momentum) at each of `steps`: exactly one_cycle_lr / one_cycle_mom's values,
+    made in one go so that a training loop only reads them (no schedule arithmetic per step)."""
+    lrs = [[one_cycle_lr(s, total, peak, div, div_final, pct_start) for peak in peaks] for s in steps]
+    return lrs, [one_cycle_mom(s, total, pct_start, moms) for s in steps]

@@ -24,7 +24,7 @@ from harness.engine.groups import LayerGroups, param_groups, set_trainable
 from harness.engine.models import build_model
 from harness.engine.recipe import Recipe, Stage
 from harness.engine.run_types import EpochStats, Outcome, Prepared, Result
-from harness.engine.schedule import one_cycle_lr, one_cycle_mom
+from harness.engine.schedule import one_cycle_table
 from harness.engine.stages import StagePlan, capture, check_prefix, restore
 from harness.engine.step import Hyper, score, train_step
 
@@ -186,14 +186,13 @@ class _Loop:
 
     def run_epoch(self, k: int, opt: torch.optim.Optimizer) -> bool:
         recipe, run, result = self.recipe, self.run, self.result
-        stage, step_fn = recipe.stages[k], probe_mod.head_step if self.probe else train_step
-        peaks, total = stage.peak_lrs(run.model.n_groups), stage.epochs * run.n_iter
+        step_fn = probe_mod.head_step if self.probe else train_step
+        # the epoch's schedule made before its steps: the step loop only reads it
+        hypers = epoch_hypers(recipe.stages[k], recipe.optimizer.sqr_mom, run.model.n_groups, run.n_iter,
+                              self.step - result.stage_starts[-1])
         t0, first_step, losses = time.perf_counter(), self.step, []
-        for x, y in self.train_batches():
+        for (x, y), hyper in zip(self.train_batches(), hypers):
             interrupts.checkpoint()
-            s = self.step - result.stage_starts[-1]
-            hyper = Hyper([one_cycle_lr(s, total, peak, stage.div, stage.div_final, stage.pct_start) for peak in peaks],
-                          one_cycle_mom(s, total, stage.pct_start, stage.moms), recipe.optimizer.sqr_mom)
             result.lrs.append(list(hyper.lrs))
             result.moms.append(hyper.beta1)
             losses.append(step_fn(run.model, opt, x, y, hyper))
@@ -248,6 +247,15 @@ class _Loop:
         self.result.test_accuracy = acc
         if acc is not None:
             self.tracker.log_epoch(self.epoch, {"test/accuracy": acc})
+
+
+def epoch_hypers(stage: Stage, sqr_mom: float, n_groups: int, n_iter: int, first: int) -> list[Hyper]:
+    """The Hyper of each step of one epoch of `stage` (stage steps first .. first + n_iter - 1):
+    the one-cycle LR per group and beta1 of schedule.py, computed in one go."""
+    steps = range(first, first + n_iter)
+    lrs, moms = one_cycle_table(steps, stage.epochs * n_iter, stage.peak_lrs(n_groups), stage.div,
+                                stage.div_final, stage.pct_start, stage.moms)
+    return [Hyper(group_lrs, mom, sqr_mom) for group_lrs, mom in zip(lrs, moms)]
 
 
 def _stage_range(recipe: Recipe, plan: StagePlan, run: Prepared, result: Result) -> tuple[int, int, int, int]:

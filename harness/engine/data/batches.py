@@ -146,16 +146,18 @@ AUGMENTS = ("none", "flip", "fastai", "randaugment")
 def _train_batch(split: Split, idx, x: torch.Tensor, generator: torch.Generator, augment: str,
                  stats: InputStats | None) -> torch.Tensor:
     """Images `idx`, augmented from `generator` and normalised. `none` is the evaluation
-    transform; `flip` keeps its order (normalise, then crop) and, when nothing is cropped
+    transform; `flip` crops before normalising (the same batch either way) and, when nothing is cropped
     for evaluation, its exact stream of draws; fastai and randaugment sample the stored image."""
     size = split.size or split.x.shape[-1]
     if augment == "none":
         return _batch(split, idx, stats)
     if augment == "flip":
         stored = _stored_images(split, idx)
+        # crop and flip only move pixels: on the uint8 (maybe 1-channel) images they give the
+        # same batch as on the normalised one, for a third of the work
         if stored.shape[-1] == size:
-            return crop_flip(normalize(stored, stats), generator)
-        return random_crop_flip(normalize(stored, stats), size, generator)
+            return normalize(crop_flip(stored, generator), stats)
+        return normalize(random_crop_flip(stored, size, generator), stats)
     if augment == "fastai":
         return normalize(fastai_augment(x, size, generator), stats)
     stats = stats or InputStats()

@@ -11,11 +11,25 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+
+class _OpenFile:
+    """A file held open for reading while any view of it lives: a cache file replaced or
+    removed meanwhile (a new decode renames over it) still reads as it was."""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def __del__(self):
+        try:
+            os.close(self.fd)
+        except (OSError, AttributeError):
+            pass
 
 
 @dataclass(frozen=True)
@@ -24,6 +38,7 @@ class HostRows:
     offset: int                  # where row 0 starts in the file (after the .npy header)
     row_shape: tuple[int, ...]   # one image: (C, H, W), uint8
     rows: torch.Tensor           # int64 rows of the file, in this split's order
+    file: _OpenFile | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def open(cls, path: str | Path) -> "HostRows":
@@ -36,7 +51,7 @@ class HostRows:
             offset = f.tell()
         if fortran or dtype != np.uint8 or len(shape) != 4:
             raise ValueError(f"{path}: not a C-ordered uint8 [N,C,H,W] array")
-        return cls(path, offset, tuple(shape[1:]), torch.arange(shape[0]))
+        return cls(path, offset, tuple(shape[1:]), torch.arange(shape[0]), _OpenFile(path))
 
     # --- what a split's x needs ---------------------------------------------------------
     @property
@@ -56,7 +71,7 @@ class HostRows:
 
     def take(self, idx: torch.Tensor | slice) -> "HostRows":
         """The rows `idx` of this one, unread."""
-        return HostRows(self.path, self.offset, self.row_shape, self.rows[idx])
+        return HostRows(self.path, self.offset, self.row_shape, self.rows[idx], self.file)
 
     def __getitem__(self, idx: torch.Tensor | slice | int) -> torch.Tensor:
         """Rows `idx`, read now: uint8 [len(idx), C, H, W] (an int gives one row's batch of 1)."""
@@ -69,14 +84,15 @@ class HostRows:
         nbytes = int(np.prod(self.row_shape))
         flat = out.view(len(rows), nbytes).numpy()
         order = np.argsort(rows.numpy(), kind="stable")   # ascending offsets: friendlier to the disk
-        fd = os.open(self.path, os.O_RDONLY)
+        fd = self.file.fd if self.file is not None else os.open(self.path, os.O_RDONLY)
         try:
             for i in order:
                 got = os.preadv(fd, [memoryview(flat[i])], self.offset + int(rows[i]) * nbytes)
                 if got != nbytes:
                     raise OSError(f"{self.path}: short read at row {int(rows[i])} (damaged cache?)")
         finally:
-            os.close(fd)
+            if self.file is None:
+                os.close(fd)
         return out
 
     def materialize(self) -> torch.Tensor:

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from harness.engine.data.cache import prepared_dataset
+from harness.engine.data.host_rows import HostRows
 from harness.engine.data.resize import stored_size
 from harness.engine.data.sources import all_class_names
 from harness.engine.data.splits import (Dataset, Split, cap_test, carve_test, resolve_classes, split_indices,
@@ -39,7 +40,9 @@ def load_dataset(cfg: Any, workspace: Path, seed: int, residency: str = "device"
     chosen = resolve_classes(cfg.classes, names)
     remap = torch.full((len(names),), -1, dtype=torch.int64)
     remap[torch.tensor(chosen, dtype=torch.int64)] = torch.arange(len(chosen))
-    images = prepared.get("host", {}) if residency == "host" else {}   # no file (a read-only disk): in memory
+    # rows of the cache file, read when a split is made (device) or per batch (host); without
+    # a file (a read-only disk), rows of the tensor in memory
+    images = prepared.get("host", {})
     x = {part: images.get(part, _lazy(prepared[f"{part}_x"])) for part in ("train", "val", "test")
          if f"{part}_x" in prepared}
     pool_x, pool_y = x["train"], prepared["train_y"]
@@ -63,17 +66,21 @@ def load_dataset(cfg: Any, workspace: Path, seed: int, residency: str = "device"
     else:
         val = Split(take(pool_x, val_idx), remap[pool_y[val_idx]])
     size, stored = cfg.image_size, stored_size(cfg)   # batches: resized to `stored`, cropped to `size`
-    return Dataset(train=_final(train, size, stored), val=_final(val, size, stored),
-                   test=_final(test, size, stored), class_names=[names[c] for c in chosen])
+    return Dataset(train=_final(train, size, stored, residency), val=_final(val, size, stored, residency),
+                   test=_final(test, size, stored, residency), class_names=[names[c] for c in chosen])
 
 
 def _lazy(x: torch.Tensor) -> TensorRows:
     return TensorRows(x, torch.arange(len(x)))
 
 
-def _final(split: Split, size: int, stored: int) -> Split:
-    """The split as batches read it: rows still in a tensor copied out once (only these)."""
-    x = split.x.materialize() if isinstance(split.x, TensorRows) else split.x
+def _final(split: Split, size: int, stored: int, residency: str) -> Split:
+    """The split as batches read it: its rows read or copied out once (only these), or left in
+    the cache file for `host` residency. Reading rows (pread) rather than indexing the memory
+    map keeps the file's pages out of the process (a map's read-ahead counts in its memory)."""
+    x = split.x
+    if isinstance(x, TensorRows) or (isinstance(x, HostRows) and residency != "host"):
+        x = x.materialize()
     return Split(x, split.y, size, stored)
 
 

@@ -54,6 +54,15 @@ def install(echo: Callable[[str], None]) -> None:
         signal.signal(sig, first)
 
 
+def reset() -> None:
+    """Python's own handlers back (SIGINT raises KeyboardInterrupt, SIGTERM ends the process)
+    and no stop pending: for a process that runs commands in turn (a test session)."""
+    on_second.clear()
+    _state.update(pending=False, deferring=0, signal=None)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def received() -> int | None:
     """The signal that asked this process to stop (SIGINT, SIGTERM), or None."""
     return _state["signal"]

@@ -73,6 +73,16 @@ def _no_hub(tmp_path_factory):
             os.environ[k] = v
 
 
+@pytest.fixture(autouse=True)
+def _no_stop_left_pending():
+    """A test that sends itself Ctrl-C or SIGTERM (or runs a command that installs the
+    handlers in this process) leaves no pending stop or handler behind: the next test's
+    `interrupts.checkpoint()` would raise KeyboardInterrupt and crash the xdist worker."""
+    yield
+    from harness import interrupts
+    interrupts.reset()
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for a test (after the 2 below): on a shared, busy 2-core machine two

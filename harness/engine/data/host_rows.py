@@ -38,7 +38,7 @@ class HostRows:
     offset: int                  # where row 0 starts in the file (after the .npy header)
     row_shape: tuple[int, ...]   # one image: (C, H, W), uint8
     rows: torch.Tensor           # int64 rows of the file, in this split's order
-    file: _OpenFile | None = field(default=None, repr=False, compare=False)
+    file: _OpenFile = field(repr=False, compare=False)   # shared by every view of the file
 
     @classmethod
     def open(cls, path: str | Path) -> "HostRows":
@@ -84,15 +84,10 @@ class HostRows:
         nbytes = int(np.prod(self.row_shape))
         flat = out.view(len(rows), nbytes).numpy()
         order = np.argsort(rows.numpy(), kind="stable")   # ascending offsets: friendlier to the disk
-        fd = self.file.fd if self.file is not None else os.open(self.path, os.O_RDONLY)
-        try:
-            for i in order:
-                got = os.preadv(fd, [memoryview(flat[i])], self.offset + int(rows[i]) * nbytes)
-                if got != nbytes:
-                    raise OSError(f"{self.path}: short read at row {int(rows[i])} (damaged cache?)")
-        finally:
-            if self.file is None:
-                os.close(fd)
+        for i in order:
+            got = os.preadv(self.file.fd, [memoryview(flat[i])], self.offset + int(rows[i]) * nbytes)
+            if got != nbytes:
+                raise OSError(f"{self.path}: short read at row {int(rows[i])} (damaged cache?)")
         return out
 
     def materialize(self) -> torch.Tensor:

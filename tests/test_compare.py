@@ -231,7 +231,7 @@ def test_compare_scores_the_kept_model_under_shift_and_logs_the_winner(shrunk, t
     import mlflow
     import mlflow.pytorch
 
-    path = shrunk("imagefolder-example", trials=3, strategies={"naive": {"lr": {"low": 1e-3, "high": 1e-2}},
+    path = shrunk("imagefolder-example", trials=2, strategies={"naive": {"lr": {"low": 1e-3, "high": 1e-2}},
                                                              "head_only": {"lr": {"low": 1e-3, "high": 1e-2}}})
     spec = yaml.safe_load(open(path))
     spec["compare"] = {"seeds": 2, "corruptions": {"gaussian_noise": [3], "jpeg": [2]},

@@ -205,17 +205,28 @@ def _interruptible() -> None:
               help="Centre each strategy's first trial on the LR finder's suggestion.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Worker processes on this machine (default: one per GPU, or 1 on a CPU).")
-@click.option("--workers-per-gpu", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Workers sharing each GPU.")
+@click.option("--workers-per-gpu", type=click.IntRange(min=1), default=None,
+              help="Workers sharing each GPU (--engine local; default 1).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Who starts the workers: this machine's processes, or Ray tasks on a Ray cluster.")
+@click.option("--address", default=None,
+              help="--engine ray: the cluster (HOST:PORT, ray://HOST:PORT or auto; default RAY_ADDRESS, "
+                   "else a local Ray started for this sweep).")
+@click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=None,
+              help="--engine ray: GPUs per worker, fractions pack workers on a GPU (default: 1 where the "
+                   "cluster has GPUs, else 0).")
+@click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="--engine ray: CPUs per worker (default 1).")
 @store_options(heartbeat=True)
 @_fail_cleanly
-def sweep(study_path, strategies, trials, use_lr_find, workers, workers_per_gpu, stores):
+def sweep(study_path, strategies, trials, use_lr_find, workers, workers_per_gpu, engine, address,
+          gpus_per_trial, cpus_per_trial, stores):
     """Run (or resume) an Optuna study per strategy; every trial is a tracked fine-tune."""
     from harness.results import format_status, status_rows
-    from harness.sweep.launch import Launch
     from harness.sweep.study import load_study
     from harness.sweep.run import run_sweep
 
+    launch = _launch(engine, workers, workers_per_gpu, address, gpus_per_trial, cpus_per_trial)
     study = load_study(study_path)
     selection = study.select(strategies, trials)
     stores.ready()
@@ -224,10 +235,29 @@ def sweep(study_path, strategies, trials, use_lr_find, workers, workers_per_gpu,
     if use_lr_find:
         from harness.sweep.centre import centred_first_trials
         centre = centred_first_trials(study, stores.workspace, list(selection.strategies), echo=click.echo)
-    run_sweep(study, stores, selection, Launch(workers, workers_per_gpu), centre=centre, echo=click.echo)
+    run_sweep(study, stores, selection, launch, centre=centre, echo=click.echo)
     click.echo(format_status(study, status_rows(study, stores), trials))
     _next(stores, (f"compare {study_path}", "each strategy's best recipe over seeds, on the test split"),
           (f"ui {study_path}", "every trial's curves in the MLflow UI"))
+
+
+def _launch(engine, workers, workers_per_gpu, address, gpus_per_trial, cpus_per_trial):
+    """The sweep's launcher options, or one line naming an option that belongs to the other engine."""
+    from harness.errors import HarnessError
+    from harness.sweep.launch import Launch
+    from harness.sweep.ray_engine import RayLaunch
+    if engine == "local":
+        given = [n for n, v in (("--address", address), ("--gpus-per-trial", gpus_per_trial),
+                                ("--cpus-per-trial", cpus_per_trial)) if v is not None]
+        if given:
+            raise HarnessError(f"{given[0]}: only with --engine ray")
+        return Launch(workers, workers_per_gpu or 1)
+    if workers_per_gpu is not None:
+        raise HarnessError("--workers-per-gpu: only with --engine local (with Ray, --gpus-per-trial 0.5 "
+                           "packs two workers on a GPU)")
+    import os
+    return RayLaunch(address or os.environ.get("RAY_ADDRESS") or None, workers, gpus_per_trial,
+                     cpus_per_trial if cpus_per_trial is not None else 1.0)
 
 
 @main.command()

@@ -26,7 +26,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
   echo "setup: installing the package and its pinned dependencies (first time: a few minutes)"
   # (pip's warnings about index locations configured on this machine are noise: dropped)
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | { grep -v "is ignored" || true; }
-  .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]' 2>&1 | { grep -v "is ignored" || true; }
+  .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev,ray]' 2>&1 | { grep -v "is ignored" || true; }
   .venv/bin/python -c "import harness, torch, torchvision, mlflow, optuna" \
     || { echo "setup: the install is incomplete (see pip's output above)" >&2; exit 1; }
   touch "$stamp"

@@ -204,7 +204,7 @@ class Worker:
                     if waiting:
                         interrupts.sleep(backoff.next())
         except BaseException as e:
-            self._abandon(e)
+            self.abandon(e)
             raise
 
     def _drain(self, strategy: str) -> Claim:
@@ -251,7 +251,7 @@ class Worker:
                 parent.close()
             self.tracking.finish(run_id)
 
-    def _abandon(self, error: BaseException) -> None:
+    def abandon(self, error: BaseException) -> None:
         """Leaving early: stopped by Ctrl-C or SIGTERM, the interrupted trial is queued again
         for the workers that go on; a parent run with no trial running anywhere ends KILLED
         (stopped) or FAILED, so the UI shows no sweep as running that is not."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Load test: K `harness worker` processes share one study on PostgreSQL and an MLflow server.
 
-    python bench/load_test.py [--workers 4] [--trials-per-worker 50] [--storage postgresql://...]
+    python bench/load_test.py [--workers 4] [--trials-per-worker 50] [--engine local|ray] [--storage postgresql://...]
         [--tracking-uri http://...] [--heartbeat 30] [--timeout 1800] [--out RESULT.json]
 
 The study is the shortest real fine-tune (Fashion-MNIST, 2 classes x 8 images at 16 px,
@@ -96,8 +96,10 @@ def versions(storage: str) -> dict:
 
 def run_load_test(storage: str, tracking_uri: str, workdir: str | Path, workers: int = 4,
                   trials_per_worker: int = 50, heartbeat: int = 30, timeout: float = 1800,
-                  echo: Callable[[str], None] = print) -> dict:
-    """Run the workers to the end, check both stores; the result (result['ok'], result['failures'])."""
+                  echo: Callable[[str], None] = print, engine: str = "local") -> dict:
+    """Run the workers to the end, check both stores; the result (result['ok'], result['failures']).
+    engine "ray": one `harness sweep --engine ray --workers K` on a local two-node Ray cluster
+    (tests/services.py RayNodes) instead of K `harness worker` processes."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     n = workers * trials_per_worker
@@ -110,27 +112,36 @@ def run_load_test(storage: str, tracking_uri: str, workdir: str | Path, workers:
     env.pop("HARNESS_HEARTBEAT", None)
     procs: dict[str, subprocess.Popen] = {}
     logs: dict[str, Path] = {}
-    echo(f"{workers} workers x {trials_per_worker} trials = {n} trials of study {name}")
-    started = time.monotonic()
-    started_utc = datetime.now(timezone.utc)
-    try:
-        for i in range(workers):
-            wname = f"w{i + 1}"
-            logs[wname] = workdir / f"{wname}.log"
-            with open(logs[wname], "w") as log:
-                procs[wname] = subprocess.Popen(
-                    [sys.executable, "-m", "harness", "worker", str(study_path), "--workspace",
-                     str(workdir / f"ws-{wname}"), "--name", wname, "--heartbeat", str(heartbeat)],
-                    stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir, start_new_session=True)
-        timed_out = _wait(procs, started + timeout, lambda: _progress(storage, f"{name}/{STRATEGY}", n), echo)
-    finally:
-        for p in procs.values():     # only on an error or a timeout: normally all have exited
-            if p.poll() is None:
-                _stop(p)
-    wall = time.monotonic() - started
+    echo(f"{workers} workers x {trials_per_worker} trials = {n} trials of study {name}"
+         + (" (Ray tasks on a local two-node cluster)" if engine == "ray" else ""))
+    with contextlib.ExitStack() as stack:
+        if engine == "ray":
+            from services import NO_RAY_AUTH, RayNodes
+            cluster = stack.enter_context(RayNodes(2, cpus=(workers + 1) // 2))
+            env.update(NO_RAY_AUTH)
+            commands = {"driver": ["sweep", str(study_path), "--engine", "ray", "--address", cluster.address,
+                                   "--workers", str(workers), "--workspace", str(workdir / "ws")]}
+        else:
+            commands = {f"w{i + 1}": ["worker", str(study_path), "--workspace", str(workdir / f"ws-w{i + 1}"),
+                                      "--name", f"w{i + 1}"] for i in range(workers)}
+        started = time.monotonic()
+        started_utc = datetime.now(timezone.utc)
+        try:
+            for wname, argv in commands.items():
+                logs[wname] = workdir / f"{wname}.log"
+                with open(logs[wname], "w") as log:
+                    procs[wname] = subprocess.Popen(
+                        [sys.executable, "-m", "harness", *argv, "--heartbeat", str(heartbeat)],
+                        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir, start_new_session=True)
+            timed_out = _wait(procs, started + timeout, lambda: _progress(storage, f"{name}/{STRATEGY}", n), echo)
+        finally:
+            for p in procs.values():     # only on an error or a timeout: normally all have exited
+                if p.poll() is None:
+                    _stop(p)
+        wall = time.monotonic() - started
     result = check(storage, tracking_uri, name, n, procs, logs)
     result.update({
-        "study": name, "workers": workers, "trials_per_worker": trials_per_worker, "trials": n,
+        "engine": engine, "study": name, "workers": workers, "trials_per_worker": trials_per_worker, "trials": n,
         "heartbeat_s": heartbeat, "started_utc": started_utc.isoformat(timespec="seconds"),
         "wall_s": round(wall, 1), "trials_per_min": round(result["complete"] / wall * 60, 1),
         "timed_out": timed_out, "logs": str(workdir),
@@ -201,7 +212,9 @@ def check(storage: str, tracking_uri: str, name: str, n: int, procs: dict[str, s
     states = Counter(t.state.name for t in trials)
     numbers = [t.number for t in trials]
     pid_to_worker = {p.pid: w for w, p in procs.items()}
-    by_worker = Counter(pid_to_worker.get(_pid(t.user_attrs.get("worker", "")), "?") for t in trials
+    ray = set(procs) == {"driver"}   # Ray workers: known by their tokens
+    by_worker = Counter(f"ray-{t.user_attrs.get('worker', '?')[:6]}" if ray else
+                        pid_to_worker.get(_pid(t.user_attrs.get("worker", "")), "?") for t in trials
                         if t.state.name == "COMPLETE")
     seconds = [t.user_attrs["seconds"] for t in trials if "seconds" in t.user_attrs]
     starts = [t.datetime_start for t in trials if t.datetime_start]
@@ -349,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--engine", choices=("local", "ray"), default="local",
+                    help="ray: the workers as Ray tasks (harness sweep --engine ray) on a local two-node cluster")
     ap.add_argument("--trials-per-worker", type=int, default=50)
     ap.add_argument("--storage", default=None,
                     help="postgresql://... for Optuna (default: a database of its own, dropped afterwards)")
@@ -380,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tracking": tracking if args.tracking_uri else "docker/compose.yaml mlflow server on loopback "
                                                               "(PostgreSQL backend)"}
         result = run_load_test(storage, tracking, work, args.workers, args.trials_per_worker, args.heartbeat,
-                               args.timeout, echo=lambda s: print(s, flush=True))
+                               args.timeout, echo=lambda s: print(s, flush=True), engine=args.engine)
         if not args.keep:
             result.pop("logs")
         result = {**info, **result}

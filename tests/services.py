@@ -129,3 +129,93 @@ def stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+# --- a Ray cluster of several nodes on this machine --------------------------------------------
+
+NO_RAY_AUTH = {"RAY_AUTH_MODE": "disabled"}   # the test cluster's nodes and drivers agree on no token
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def processes_under(pid: int) -> list[int]:
+    """Every descendant of process `pid` (from /proc)."""
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            out.append(k)
+            todo.append(k)
+    return out
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+class RayNodes:
+    """`ray start --head` and `nodes - 1` more `ray start` on this machine, `cpus` CPUs each,
+    in a temp dir of their own (their processes are told apart from any other Ray here by
+    it). `with RayNodes(2) as c:` ... `c.address`; `kill_node(i)` SIGKILLs node i's raylet
+    and every process under it (its workers and agents), by PID."""
+
+    def __init__(self, nodes: int = 2, cpus: int = 1):
+        import tempfile
+        self.temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")   # short: Ray's socket paths
+        self.address = f"127.0.0.1:{free_port()}"
+        self.env = {**os.environ, **NO_RAY_AUTH}
+        ray_bin = str(Path(sys.executable).parent / "ray")
+        common = [f"--num-cpus={cpus}", "--num-gpus=0", "--disable-usage-stats", f"--temp-dir={self.temp}"]
+        try:
+            self._run([ray_bin, "start", "--head", f"--port={self.address.rsplit(':', 1)[1]}",
+                       "--include-dashboard=false", *common])
+            for _ in range(nodes - 1):
+                self._run([ray_bin, "start", f"--address={self.address}", *common])
+        except BaseException:
+            self.stop()
+            raise
+
+    def __enter__(self) -> "RayNodes":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _run(self, argv: list[str]) -> None:
+        r = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv[1:3])} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+
+    def raylet(self, i: int) -> int:
+        """Node i's raylet (node 0 is the head; node i's plasma socket is `plasma_store.i`)."""
+        suffix = f"plasma_store.{i} " if i else "plasma_store "
+        [pid] = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()
+                 and "/raylet/raylet " in (c := _cmdline(int(d.name))) and self.temp in c and suffix in c]
+        return pid
+
+    def kill_node(self, i: int) -> list[int]:
+        raylet = self.raylet(i)
+        pids = [raylet, *processes_under(raylet)]
+        _kill(pids)
+        return pids
+
+    def stop(self) -> None:
+        """Every process of this cluster, and only these (`ray stop` would stop any Ray here)."""
+        mine = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit() and self.temp in _cmdline(int(d.name))]
+        _kill([q for p in mine for q in processes_under(p)] + mine)

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from conftest import needs_fashion
@@ -22,10 +21,10 @@ from harness.cli import main
 from harness.errors import HarnessError
 from harness.sweep import ray_engine
 from harness.sweep.ray_engine import Cluster, RayLaunch, node_store, refuse_local_stores, without_password
+from services import NO_RAY_AUTH as NO_AUTH, RayNodes, free_port, processes_under
 from test_workers import Proc, S, check_recovered, load, mlflow_runs, running_trial_of, tiny_study, wait_until
 
 ray = pytest.importorskip("ray", reason="--engine ray needs the ray extra (installed by scripts/setup.sh)")
-NO_AUTH = {"RAY_AUTH_MODE": "disabled"}   # the test cluster's nodes and drivers agree on no token
 
 
 # --- no cluster ----------------------------------------------------------------------------------
@@ -114,12 +113,6 @@ def test_ray_options_that_cannot_work_are_one_line_before_anything_is_written(tm
 
 # --- a real Ray ------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @needs_fashion
 @pytest.mark.slow
 @pytest.mark.timeout(600)
@@ -127,7 +120,7 @@ def test_an_unreachable_address_and_a_worker_larger_than_the_local_ray_are_one_l
     """Through a real process (Ray prints to the real stderr): exit 2, one line, no store."""
     study = tiny_study(tmp_path / "study.yaml", "bad-ray-real", trials=1)
     ws = tmp_path / "ws"
-    for args, line in ((["--address", f"127.0.0.1:{_free_port()}"], "error: --address: no Ray cluster answers"),
+    for args, line in ((["--address", f"127.0.0.1:{free_port()}"], "error: --address: no Ray cluster answers"),
                        (["--gpus-per-trial", "4"], "error: --gpus-per-trial: 4 is more than any node of the cluster")):
         r = subprocess.run([sys.executable, "-m", "harness", "sweep", str(study), "--engine", "ray", *args,
                             "--workspace", str(ws)], capture_output=True, text=True, timeout=300,
@@ -158,107 +151,27 @@ def test_ctrl_c_on_the_driver_cancels_the_ray_workers_and_leaves_nothing_running
     runs = mlflow_runs(f"sqlite:///{ws.resolve()}/mlflow.db", "ray-ctrl-c")
     assert runs and all(r.info.status in ("KILLED", "FINISHED") for r in runs), \
         [(r.info.run_name, r.info.status) for r in runs]
-    assert not _processes_under(p.p.pid), "the sweep's local Ray outlived it"
+    assert not processes_under(p.p.pid), "the sweep's local Ray outlived it"
 
 
 # --- two nodes on this machine ------------------------------------------------------------------
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(d.name))
-    return kids
-
-
-def _processes_under(pid: int) -> list[int]:
-    kids, out, todo = _children(), [], [pid]
-    while todo:
-        for k in kids.get(todo.pop(), []):
-            out.append(k)
-            todo.append(k)
-    return out
-
-
-class TwoNodes:
-    """`ray start --head` and a second `ray start` on this machine, one CPU each, in a temp
-    dir of their own (so their processes are told apart from any other Ray here)."""
-
-    def __init__(self):
-        self.temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")   # short: Ray's socket paths
-        self.port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.env = {**os.environ, **NO_AUTH}
-        ray_bin = str(Path(sys.executable).parent / "ray")
-        common = ["--num-cpus=1", "--num-gpus=0", "--disable-usage-stats", f"--temp-dir={self.temp}"]
-        self._run([ray_bin, "start", "--head", f"--port={self.port}", "--include-dashboard=false", *common])
-        self._run([ray_bin, "start", f"--address={self.address}", *common])
-
-    def _run(self, argv: list[str]) -> None:
-        r = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stdout + r.stderr
-
-    def raylets(self) -> list[int]:
-        return [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()
-                and "/raylet/raylet " in _cmdline(int(d.name)) and self.temp in _cmdline(int(d.name))]
-
-    def second(self) -> int:
-        """The second node's raylet (its plasma socket is `plasma_store.1`)."""
-        [pid] = [p for p in self.raylets() if "plasma_store.1 " in _cmdline(p)]
-        return pid
-
-    def kill_second(self) -> list[int]:
-        """SIGKILL the second node's raylet and every process under it (its workers, agents)."""
-        raylet = self.second()
-        pids = [raylet, *_processes_under(raylet)]
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        return pids
-
-    def stop(self) -> None:
-        """Every process of this cluster, and only these (`ray stop` would stop any Ray here)."""
-        mine = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()
-                and self.temp in _cmdline(int(d.name))]
-        for pid in [q for p in mine for q in _processes_under(p)] + mine:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 @pytest.fixture
 def two_nodes():
-    cluster = TwoNodes()
-    try:
+    with RayNodes(2, cpus=1) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
-def _sweep_on(cluster: TwoNodes, study: Path, ws: Path, log: Path, pg: str, uri: str) -> Proc:
+def _sweep_on(cluster: RayNodes, study: Path, ws: Path, log: Path, pg: str, uri: str) -> Proc:
     return Proc(["sweep", study, "--engine", "ray", "--address", cluster.address, "--workspace", ws],
                 log, {**NO_AUTH, "HARNESS_STORAGE": pg, "MLFLOW_TRACKING_URI": uri, "HARNESS_HEARTBEAT": "1"})
 
 
-def _running_on(cluster: TwoNodes, spec: str, name: str):
+def _running_on(cluster: RayNodes, spec: str, name: str):
     """A trial running in a worker of the second node, after one trial is complete."""
     def find():
         t = running_trial_of(spec, name, after_complete=1)()
-        if t is not None and int(t.user_attrs["worker"].rsplit(":", 2)[1]) in _processes_under(cluster.second()):
+        if t is not None and int(t.user_attrs["worker"].rsplit(":", 2)[1]) in processes_under(cluster.raylet(1)):
             return t
         return None
     return find
@@ -294,9 +207,40 @@ def test_two_ray_nodes_share_a_sweep_and_survive_losing_one(tmp_path, two_nodes,
     victim = wait_until(_running_on(two_nodes, pg, f"{name}/naive"), 300,
                         "a trial running on the second node after a complete one", p)
     completed = {t.number: t.value for t in load(pg, f"{name}/naive").get_trials() if t.state == S.COMPLETE}
-    killed = two_nodes.kill_second()
+    killed = two_nodes.kill_node(1)
     assert int(victim.user_attrs["worker"].rsplit(":", 2)[1]) in killed
     assert p.wait(600) == 0, p.text
     assert f"trial {victim.number} was lost (its worker stopped sending heartbeats); queued again" in p.text, p.text
     check_recovered(pg, mlflow_server, name, 4, victim, completed, "heartbeat")
     assert password not in p.text
+
+
+# --- the fleet's manifest -----------------------------------------------------------------------
+
+def test_the_kuberay_manifest_validates_and_its_postgres_holds_every_workers_connections():
+    """docs/k8s/raycluster.yaml: the built-in kinds against Kubernetes' own schemas (strict);
+    the RayCluster's worker group runs the same image as the head with the stores from the
+    environment (a Secret for the password); PostgreSQL's max_connections holds every worker's
+    connections plus the MLflow server's pools (docs/scale-out.md's arithmetic)."""
+    from harness.sweep.connections import MLFLOW_SERVER, PER_WORKER
+    from shipped import REPO
+    kv = pytest.importorskip("kubernetes_validate")
+    docs = list(yaml.safe_load_all((REPO / "docs" / "k8s" / "raycluster.yaml").read_text()))
+    by_kind = {d["kind"]: d for d in docs}
+    for d in docs:
+        if d["apiVersion"] != "ray.io/v1":
+            kv.validate(d, "1.37.0", strict=True)
+    rc = by_kind["RayCluster"]["spec"]
+    head = rc["headGroupSpec"]["template"]["spec"]["containers"][0]
+    [group] = rc["workerGroupSpecs"]
+    worker = group["template"]["spec"]["containers"][0]
+    assert worker["image"] == head["image"] and worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    env = {e["name"]: e for e in worker["env"]}
+    assert "secretKeyRef" in env["HARNESS_STORAGE"]["valueFrom"]
+    assert env["MLFLOW_TRACKING_URI"]["value"].startswith("http://")
+    assert rc["rayVersion"] == ray.__version__                     # the driver's Ray, pinned in constraints
+    pg = by_kind["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    most = int(pg[pg.index("-c") + 1].split("=")[1]) if pg[pg.index("-c") + 1].startswith("max_connections") else 0
+    mlflow = by_kind["Deployment"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    server_workers = int(mlflow[mlflow.index("--workers") + 1])
+    assert most - 3 >= group["maxReplicas"] * PER_WORKER + server_workers * MLFLOW_SERVER

@@ -158,9 +158,9 @@ def fine_tune(recipe: Recipe, tracker: Tracker | None = None, workspace: str | P
     run = prepare(recipe, workspace, memory=memory)
     result = Result(group_names=run.model.group_names, n_train=len(run.train.y),
                     class_names=list(run.dataset.class_names), model=run.model, input_stats=run.model.input_stats)
-    start = start_weights(recipe, run.model)   # before a checkpoint is restored: the model as built
+    theta_0 = start_weights(recipe, run.model)   # before a checkpoint is restored: the model as built
     first, stop, step, epoch = _stage_range(recipe, plan, run, result)
-    loop = _Loop(recipe, run, result, tracker or NullTracker(), report, (step, epoch), start)
+    loop = _Loop(recipe, run, result, tracker or NullTracker(), report, (step, epoch), theta_0)
     loop.bar = _progress_bar(run.n_iter * sum(s.epochs for s in recipe.stages[first:stop]), progress)
     start = time.perf_counter()
     try:
@@ -219,11 +219,12 @@ class _Loop:
         # the epoch's schedule made before its steps: the step loop only reads it
         hypers = epoch_hypers(recipe.stages[k], recipe.optimizer.sqr_mom, run.model.n_groups, run.n_iter,
                               self.step - result.stage_starts[-1])
+        tops = None if all(hi == 1.0 for _, hi in self.spread) else [hi for _, hi in self.spread]
         t0, first_step, losses = time.perf_counter(), self.step, []
         for (x, y), hyper in zip(self.train_batches(), hypers):
             interrupts.checkpoint()
             # a group's LR as its fastest param group holds it (its top block under layer decay)
-            result.lrs.append([lr * hi for lr, (_, hi) in zip(hyper.lrs, self.spread)])
+            result.lrs.append(list(hyper.lrs) if tops is None else [lr * hi for lr, hi in zip(hyper.lrs, tops)])
             result.moms.append(hyper.beta1)
             losses.append(step_fn(run.model, opt, x, y, hyper))
             self.step += 1

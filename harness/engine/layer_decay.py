@@ -10,8 +10,8 @@ The blocks are finer than the layer groups (a ViT's 12 blocks, a ResNet's 8 resi
   gives one block per child; the stem (a run of single layers, or one module) is block 0;
   a module between two stages (ConvNeXt's downsampling) joins the first block of the stage it
   opens, one after the last stage (EfficientNet's 1x1 conv head) joins the last block; the
-  head is the top block. resnet18/34/50, efficientnet_b0 and convnext_tiny so get the blocks
-  timm gives the same architectures (tested).
+  head is the top block. resnet18, efficientnet_b0 and convnext_tiny so get the blocks timm
+  gives the same architectures (tested; resnet34/50 follow by the same rule).
 """
 from __future__ import annotations
 

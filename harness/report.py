@@ -17,30 +17,33 @@ FROZEN_SPAN = "0.93"     # the band behind the steps where some group is frozen
 FROZEN_SPAN_LABEL = "steps with a frozen group"
 
 
-def stage_trainable(trainable, n_groups: int) -> list[int] | None:
-    """How many groups (the last ones, the head last) train in each stage: from a Recipe
-    (its stages' `trainable_groups`), a list of stages, or a list of counts; None stays None."""
+def stage_trainable(trainable, n_groups: int) -> list[tuple[int, ...]] | None:
+    """Which groups (0-based, the head last) train in each stage: from a Recipe (its stages'
+    `trained_groups`), a list of stages, a list of counts (the last N groups) or of group
+    tuples; None stays None."""
     if trainable is None:
         return None
     stages = getattr(trainable, "stages", trainable)
-    return [s if isinstance(s, int) else s.trainable_groups(n_groups) for s in stages]
+    return [tuple(range(n_groups - s, n_groups)) if isinstance(s, int) else
+            tuple(s) if isinstance(s, (tuple, list)) else s.trained_groups(n_groups) for s in stages]
 
 
 def frozen_mask(result, trainable) -> list[list[bool]] | None:
     """[group][step]: True where the group is frozen at that step (None: not known)."""
     n_groups, n_steps = len(result.group_names), len(result.lrs)
-    counts = stage_trainable(trainable, n_groups)
-    if counts is None:
+    trained = stage_trainable(trainable, n_groups)
+    if trained is None:
         return None
     starts = list(result.stage_starts) or [0]
     mask = [[False] * n_steps for _ in range(n_groups)]
     for k, start in enumerate(starts):
-        if k >= len(counts):
+        if k >= len(trained):
             break
         end = starts[k + 1] if k + 1 < len(starts) else n_steps
-        for g in range(n_groups - counts[k]):       # the first n - trainable groups are frozen
-            for t in range(start, min(end, n_steps)):
-                mask[g][t] = True
+        for g in range(n_groups):
+            if g not in trained[k]:
+                for t in range(start, min(end, n_steps)):
+                    mask[g][t] = True
     return mask
 
 

@@ -39,6 +39,9 @@ ROUNDTRIP_CASES = {
     "lr min max": with_stage(lr={"min": 1e-6, "max": 1e-2}),
     "train all": with_stage(train="all"),
     "train last 2": with_stage(train={"last": 2}),
+    "train groups 0 and head": with_stage(train={"groups": [0, 2]}),
+    "layer decay": with_stage(1, lr=1e-3, layer_decay=0.65),
+    "l2sp": with_stage(1, l2sp={"alpha_sp": 0.1, "beta": 0.01}),
     "moms given": with_stage(moms=[0.9, 0.8, 0.9], div_final=1e4),
     "linear head, no train_bn": tiny_recipe_dict(model={"head": "linear", "train_bn": False},
                                                  optimizer={"weight_decay": 0.0, "eps": 1e-8}),
@@ -71,6 +74,22 @@ def test_train_last_round_trips_as_mapping():
     r = roundtrip(Recipe.from_dict(with_stage(train={"last": 2})))
     assert r.stages[0].train.last == 2
     assert r.to_dict()["stages"][0]["train"] == {"last": 2}
+
+
+def test_train_groups_round_trip_sorted_and_name_the_head_when_out_of_range():
+    r = roundtrip(Recipe.from_dict(with_stage(train={"groups": [2, 0]})))
+    assert r.to_dict()["stages"][0]["train"] == {"groups": [0, 2]}
+    assert r.stages[0].trained_groups(3) == (0, 2) and r.stages[0].trainable_groups(3) == 2
+    with pytest.raises(HarnessError) as ei:
+        Recipe.from_dict(with_stage(train={"groups": [0, 5]}))
+    assert str(ei.value) == ("recipe: stages[0].train.groups: group 5 is out of range "
+                             "(resnet18 has 3 layer groups: 0..2, the head 2)")
+
+
+def test_unset_layer_decay_and_l2sp_leave_a_recipes_yaml_as_it_was():
+    """Recipes that do not use them export (and hash: stage checkpoints, pretrained bodies) as before."""
+    text = Recipe.from_dict(tiny_recipe_dict()).to_yaml()
+    assert "layer_decay" not in text and "l2sp" not in text
 
 
 def test_from_yaml_reads_a_file(tmp_path):
@@ -162,6 +181,16 @@ INVALID = [
     ("empty stages", tiny_recipe_dict(stages=[]), "stages"),
     ("stages not a list", tiny_recipe_dict(stages={"epochs": 1, "lr": 1e-3}), "stages"),
     ("train last 4 on 3 groups", with_stage(train={"last": 4}), "stages[0].train"),
+    ("train group 3 on 3 groups", with_stage(train={"groups": [0, 3]}), "stages[0].train.groups"),
+    ("train no groups", with_stage(train={"groups": []}), "stages[0].train.groups"),
+    ("train a group twice", with_stage(train={"groups": [1, 1]}), "stages[0].train.groups"),
+    ("train a negative group", with_stage(train={"groups": [-1, 2]}), "stages[0].train.groups"),
+    ("train groups and last", with_stage(train={"groups": [0], "last": 1}), "stages[0].train.last"),
+    ("layer_decay 0", with_stage(1, lr=1e-3, layer_decay=0), "stages[1].layer_decay"),
+    ("layer_decay above 1", with_stage(1, lr=1e-3, layer_decay=1.5), "stages[1].layer_decay"),
+    ("layer_decay on a slice", with_stage(1, layer_decay=0.75), "stages[1]: layer_decay"),
+    ("l2sp negative alpha", with_stage(l2sp={"alpha_sp": -1, "beta": 0}), "stages[0].l2sp.alpha_sp"),
+    ("l2sp without beta", with_stage(l2sp={"alpha_sp": 0.1}), "stages[0].l2sp.beta"),
     ("one class", tiny_recipe_dict(data={"classes": ["Bag"]}), "data.classes"),
     ("unknown device", tiny_recipe_dict(device="tpu"), "device"),
     ("negative seed", tiny_recipe_dict(seed=-1), "seed"),
@@ -270,9 +299,15 @@ def test_read_yaml_returns_the_mapping(tmp_path):
 # --- Stage helpers ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("train,n,want", [("head", 3, 1), ("all", 3, 3), ("all", 5, 5),
-                                          ({"last": 2}, 3, 2), ({"last": 3}, 3, 3)])
+                                          ({"last": 2}, 3, 2), ({"last": 3}, 3, 3), ({"groups": [0, 4]}, 5, 2)])
 def test_stage_trainable_groups(train, n, want):
     assert Stage(epochs=1, train=train, lr=1e-3).trainable_groups(n) == want
+
+
+@pytest.mark.parametrize("train,n,want", [("head", 3, (2,)), ("all", 3, (0, 1, 2)), ({"last": 2}, 4, (2, 3)),
+                                          ({"groups": [3, 1]}, 4, (1, 3))])
+def test_stage_trained_groups(train, n, want):
+    assert Stage(epochs=1, train=train, lr=1e-3).trained_groups(n) == want
 
 
 def test_stage_peak_lrs_follow_fastai_slice():

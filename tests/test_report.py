@@ -53,6 +53,16 @@ def test_frozen_mask_of_a_two_phase_recipe(two_phase):
     assert frozen_mask(two_phase_result(), None) is None
 
 
+def test_frozen_mask_of_a_surgical_stage_freezes_the_groups_it_does_not_list():
+    d = tiny_recipe_dict()
+    d["stages"] = [{"epochs": 1, "train": "head", "lr": 1e-3}, {"epochs": 2, "train": {"groups": [0, 2]}, "lr": 1e-3}]
+    mask = frozen_mask(two_phase_result(), Recipe.from_dict(d))
+    assert mask[0] == [True] * 6 + [False] * 12
+    assert mask[1] == [True] * 18                      # the middle group never trains
+    assert mask[2] == [False] * 18
+    assert frozen_mask(two_phase_result(), [(2,), (0, 2)]) == mask
+
+
 def test_lr_panel_draws_frozen_steps_dotted_grey_and_training_steps_solid(two_phase):
     fig, ax = plt.subplots()
     try:

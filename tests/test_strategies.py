@@ -6,8 +6,8 @@ import pytest
 from harness.errors import HarnessError
 from harness.engine.recipe import LRSlice, Stage
 from harness.engine.schedule import one_cycle_lr, one_cycle_mom
-from harness.sweep.strategies import (STRATEGIES, defaults, discriminative, gradual, head_only, lp_ft, naive,
-                                stages_for, two_phase)
+from harness.sweep.strategies import (STRATEGIES, defaults, discriminative, gradual, head_only, l2sp, llrd, lp_ft,
+                                naive, stages_for, surgical, two_phase)
 
 N_GROUPS = 3
 
@@ -65,6 +65,31 @@ def test_lp_ft_probes_then_fine_tunes():
     probe, ft = lp_ft(6, probe_epochs=2, lr_probe=1e-2, lr=1e-4)
     assert (probe.epochs, probe.train, probe.lr) == (2, "head", 1e-2)
     assert (ft.epochs, ft.train, ft.lr) == (4, "all", 1e-4)
+
+
+def test_llrd_trains_everything_at_one_lr_decayed_per_block():
+    (st,) = llrd(5, lr=2e-3, layer_decay=0.65, pct_start=0.3)
+    assert (st.epochs, st.train, st.lr, st.layer_decay, st.pct_start, st.div) == (5, "all", 2e-3, 0.65, 0.3, 25)
+    assert st.peak_lrs(N_GROUPS) == [2e-3] * 3 and st.l2sp is None
+
+
+def test_surgical_trains_one_body_group_and_the_head():
+    (st,) = surgical(4, block=1, lr=3e-3, n_groups=5)
+    assert (st.epochs, st.lr, st.trained_groups(5)) == (4, 3e-3, (1, 4))
+    assert stages_for("surgical", 4, n_groups=3)[0].trained_groups(3) == (0, 2)   # block 0 by default
+
+
+@pytest.mark.parametrize("block", [-1, 2, 7, 0.5, True])
+def test_surgical_block_must_be_a_body_group(block):
+    with pytest.raises(HarnessError) as ei:
+        surgical(4, block=block, n_groups=3)
+    assert str(ei.value).startswith("block: must be a body group, 0..1") and "\n" not in str(ei.value)
+
+
+def test_l2sp_trains_everything_with_its_two_decays():
+    (st,) = l2sp(3, lr=5e-4, alpha_sp=0.2, beta=0.05)
+    assert (st.epochs, st.train, st.lr, st.l2sp.alpha_sp, st.l2sp.beta) == (3, "all", 5e-4, 0.2, 0.05)
+    assert st.layer_decay is None
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
@@ -133,6 +158,9 @@ def test_published_defaults():
     assert defaults("naive") == {"lr": 1e-3, "pct_start": 0.25}
     assert defaults("head_only") == {"lr": 2e-3, "pct_start": 0.25}
     assert defaults("two_phase") == {"freeze_epochs": 1, "lr_low": 1e-5, "lr_high": 1e-3, "pct_start": 0.3}
+    assert defaults("llrd") == {"lr": 1e-3, "layer_decay": 0.75, "pct_start": 0.25}   # timm's decay
+    assert defaults("surgical") == {"block": 0, "lr": 1e-3, "pct_start": 0.25}
+    assert defaults("l2sp") == {"lr": 1e-3, "alpha_sp": 0.1, "beta": 0.01, "pct_start": 0.25}
 
 
 def test_defaults_are_what_stages_for_uses():

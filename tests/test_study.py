@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 from conftest import tiny_recipe_dict
 from harness.errors import HarnessError
 from harness.engine.recipe import Recipe
+from harness.sweep.space import suggest
 from harness.sweep.strategies import STRATEGIES
 from harness.sweep.study import load_study
 from shipped import read_yaml, resolve_study, shrink
@@ -134,6 +136,16 @@ INVALID = [
     ("two-phase-budget-1", {"budget": {"epochs": 1}, "strategies": {"two_phase": None}},
      "strategies.two_phase", "freeze_epochs"),
     ("missing-recipe-file", {"recipe": "no/such/recipe.yaml"}, None, "no/such/recipe.yaml: file not found"),
+    ("surgical-block-beyond-the-body", {"strategies": {"surgical": {"block": {"choices": [0, 2]}}}},
+     "strategies.surgical", "block: must be a body group, 0..1"),
+    ("surgical-block-range-beyond-the-body", {"strategies": {"surgical": {"block": {"low": 0, "high": 3}}}},
+     "strategies.surgical", "got 3"),
+    ("surgical-block-not-whole", {"strategies": {"surgical": {"block": {"choices": [0, 0.5]}}}},
+     "strategies.surgical.block.choices", "whole number"),
+    ("llrd-decay-above-1", {"strategies": {"llrd": {"layer_decay": {"low": 0.5, "high": 1.2}}}},
+     "strategies.llrd.layer_decay", "less than or equal to 1"),
+    ("l2sp-negative-alpha", {"strategies": {"l2sp": {"alpha_sp": -0.1}}},
+     "strategies.l2sp.alpha_sp", "greater than or equal to 0"),
 ]
 
 
@@ -147,6 +159,21 @@ def test_invalid_study_is_one_line_naming_the_field(tmp_path, study_dict, change
     if field is not None:
         assert msg.startswith(f"{path}: {field}:"), msg
     assert words in msg, msg
+
+
+@pytest.mark.parametrize("block", [{"choices": [1, 0]}, {"low": 0, "high": 1}])
+def test_surgical_block_is_searched_as_a_choice_or_a_whole_number(tmp_path, study_dict, block):
+    study = load_study(write_study(tmp_path / "study.yaml", study_dict(strategies={"surgical": {"block": block}})))
+    assert study.baseline("surgical")["block"] == 0   # the published first block, inside the space
+    sampled = set()
+    ostudy = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(12):
+        trial = ostudy.ask()
+        params = suggest(trial, study.spaces["surgical"])
+        ostudy.tell(trial, 0.5)
+        sampled.add(params["block"])
+        assert study.recipe_for("surgical", params).stages[0].trained_groups(3) == (params["block"], 2)
+    assert sampled == {0, 1} and all(type(b) is int for b in sampled)
 
 
 def test_gradual_budget_error_names_the_budget(tmp_path, study_dict):
@@ -248,7 +275,8 @@ def test_a_strategy_without_a_space_keeps_its_defaults(tmp_path, study_dict):
 # --- recipe_for: base + the strategy's stages for the budget -------------------------------------
 
 ALL = {"naive": None, "head_only": None, "two_phase": {"freeze_epochs": {"low": 1, "high": 4}},
-       "discriminative": None, "gradual": None, "lp_ft": {"probe_epochs": {"low": 1, "high": 4}}}
+       "discriminative": None, "gradual": None, "lp_ft": {"probe_epochs": {"low": 1, "high": 4}},
+       "llrd": None, "surgical": {"block": {"choices": [0, 1]}}, "l2sp": None}
 
 
 @pytest.mark.parametrize("budget", [3, 5])

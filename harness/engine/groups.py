@@ -9,6 +9,8 @@ timm_models.py timm ones.
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import nn
 
@@ -118,17 +120,19 @@ def is_norm(m: nn.Module) -> bool:
     return isinstance(m, NORM_TYPES)
 
 
-def set_trainable(model: LayerGroups, n_trainable: int, train_bn: bool = True) -> None:
-    """Train the last `n_trainable` groups; earlier groups are frozen except (if train_bn)
-    their normalisation layers, as fastai's freeze_to does. Without train_bn the frozen
-    groups are truly frozen (fastai's train_bn=False with BnFreeze): their modules run in eval
-    mode even while the model trains (running statistics fixed, dropout and drop-path off).
-    With train_bn (the default) the model is in train mode throughout, as fastai's."""
-    first = model.n_groups - n_trainable
+def set_trainable(model: LayerGroups, trainable: int | Iterable[int], train_bn: bool = True) -> None:
+    """Train the last `trainable` groups, or the groups it lists (0-based); the other groups
+    are frozen except (if train_bn) their normalisation layers, as fastai's freeze_to does.
+    Without train_bn the frozen groups are truly frozen (fastai's train_bn=False with BnFreeze):
+    their modules run in eval mode even while the model trains (running statistics fixed,
+    dropout and drop-path off). With train_bn (the default) the model is in train mode
+    throughout, as fastai's."""
+    n = model.n_groups
+    train = set(range(n - trainable, n)) if isinstance(trainable, int) else set(trainable)
     for g, members in enumerate(model.group_members()):
         for _, p, norm in members:
-            p.requires_grad_(g >= first or (train_bn and norm))
-    model.eval_modules = () if train_bn or first == 0 else frozen_modules(model)
+            p.requires_grad_(g in train or (train_bn and norm))
+    model.eval_modules = () if train_bn or train >= set(range(n)) else frozen_modules(model)
     model.train(model.training)   # re-applies every module's mode: the new frozen set, the rest as the model
 
 
@@ -152,19 +156,26 @@ def frozen_modules(model: nn.Module) -> tuple[nn.Module, ...]:
     return tuple(out)
 
 
-def param_groups(model: LayerGroups, weight_decay: float) -> list[dict]:
-    """Two optimizer param groups per layer group: with weight decay, and without it
+def param_groups(model: LayerGroups, weight_decay: float, lr_scales: dict[str, float] | None = None) -> list[dict]:
+    """Optimizer param groups per layer group: with weight decay, and without it
     (normalisation parameters, every bias, and what a timm model lists in
-    `no_weight_decay()`: position embeddings, class tokens). Key `layer_group` says which."""
+    `no_weight_decay()`: position embeddings, class tokens). Keys: `layer_group` (which),
+    `decay` (whether the harness decays them) and `lr_scale`, the factor on the layer group's
+    LR (1, or per parameter name from `lr_scales`: layer-wise LR decay), one group per scale."""
     skip = getattr(model, "no_decay_names", frozenset())
     out = []
     for g, members in enumerate(model.group_members()):
-        decay, no_decay = [], []
+        split: dict[tuple[bool, float], list[nn.Parameter]] = {}
         for name, p, norm in members:
-            (no_decay if norm or name.rsplit(".", 1)[-1] == "bias" or name in skip else decay).append(p)
-        out.append({"params": decay, "weight_decay": weight_decay, "layer_group": g})
-        out.append({"params": no_decay, "weight_decay": 0.0, "layer_group": g})
-    return [pg for pg in out if pg["params"]]
+            decay = not (norm or name.rsplit(".", 1)[-1] == "bias" or name in skip)
+            scale = 1.0 if lr_scales is None else lr_scales[name]
+            split.setdefault((decay, scale), []).append(p)
+        for decay in (True, False):
+            for (d, scale), params in split.items():
+                if d == decay:
+                    out.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
+                                "layer_group": g, "decay": decay, "lr_scale": scale})
+    return out
 
 
 def describe_groups(model: LayerGroups) -> list[dict]:

@@ -53,7 +53,7 @@ from harness.engine.recipe import Recipe
 from harness.engine.stages import (StageCheckpoint, StagePlan, StagesDidNotFinish, find_stage, restore,
                                    stage_path)
 from harness.engine.step import Hyper, train_step
-from harness.engine.train import fine_tune, make_optimizer, prepare
+from harness.engine.train import fine_tune, make_optimizer, prepare, start_weights
 from harness.errors import HarnessError
 
 SMOOTH_BETA = 0.98          # fastai's AvgSmoothLoss
@@ -76,7 +76,7 @@ class LRFindResult:
     num_it: int = 0
     seconds: float = 0.0
     stage: int = 1                  # the recipe stage it ran on, counted from 1
-    train: str = "head"             # what that stage trains: head, all, last N
+    train: str = "head"             # what that stage trains: head, all, last N, groups i, j
     start: str = ""                 # stage > 1: the checkpoint it started from, or "trained" (no file)
 
 
@@ -235,11 +235,12 @@ def range_test(recipe: Recipe, stage: int, before: StageCheckpoint | None, test:
     stages before it; None for stage 1: a fresh model, built as fine_tune builds it)."""
     t_start = time.perf_counter()
     run = prepare(recipe, workspace, device)
+    start = start_weights(recipe, run.model)   # L2-SP's theta_0: the model as built
     if before is not None:
         restore(before, run)   # the model, and the generators as stage `stage` would find them
     cfg = recipe.stages[stage - 1]
-    set_trainable(run.model, cfg.trainable_groups(run.model.n_groups), recipe.model.train_bn)
-    opt = make_optimizer(run.model, cfg, recipe, run.device)
+    set_trainable(run.model, cfg.trained_groups(run.model.n_groups), recipe.model.train_bn)
+    opt = make_optimizer(run.model, cfg, recipe, run.device, start)
     lrs, raw, smooth, stopped_early = _steps(run, opt, recipe, test)
     suggestions, points = suggest(lrs, smooth, test.num_it)
     return LRFindResult(lrs=lrs, losses=smooth, raw_losses=raw, suggestions=suggestions,
@@ -279,7 +280,10 @@ def _steps(run, opt, recipe: Recipe, test: RangeTest) -> tuple[list[float], list
 
 
 def describe_train(train: Any) -> str:
-    return train if isinstance(train, str) else f"last {train.last}"
+    if isinstance(train, str):
+        return train
+    groups = getattr(train, "groups", None)
+    return f"groups {', '.join(map(str, groups))}" if groups is not None else f"last {train.last}"
 
 
 # --- `harness lr-find` -------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Free probes: a head-only stage on a truly frozen body trains the head on cached features.
 
-A stage qualifies when only the head trains (`trainable_groups == 1`), the body is truly
+A stage qualifies when only the head trains (`trained_groups == (head,)`), the body is truly
 frozen (`model.train_bn: false`: its modules in eval mode, harness/engine/groups.py) and
 nothing is augmented (`data.augment: none`). Then the body's output on a split depends only
 on the split, the body's weights, the image size, the input statistics and the device, so it
@@ -51,7 +51,7 @@ def cache_mode() -> str:
 
 def qualifies(recipe: Recipe, stage: Stage, n_groups: int) -> bool:
     """Does this stage train the head alone on a truly frozen body, with no augmentation?"""
-    return (stage.trainable_groups(n_groups) == 1 and not recipe.model.train_bn
+    return (stage.trained_groups(n_groups) == (n_groups - 1,) and not recipe.model.train_bn
             and recipe.data.augment == "none" and cache_mode() != "off")
 
 

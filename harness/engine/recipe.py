@@ -49,6 +49,25 @@ class TrainLast(StrictModel):
     last: Annotated[StrictInt, Field(ge=1)]
 
 
+class TrainGroups(StrictModel):
+    """Train exactly these layer groups (0-based, input -> output: the head is the last one);
+    the others are frozen as `head` freezes the body (surgical fine-tuning)."""
+    groups: Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+
+    @field_validator("groups")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"a group is listed twice in {v}")
+        return sorted(v)   # one spelling per set: the same recipe hashes the same
+
+
+class L2SP(StrictModel):
+    """L2-SP (Li et al. 2018): the body decays toward its start weights, the head toward zero."""
+    alpha_sp: Annotated[Num, Field(ge=0)]   # the body's decoupled pull toward theta_0
+    beta: Annotated[Num, Field(ge=0)]       # the head's ordinary decoupled weight decay
+
+
 # Union member tags show up in pydantic's error locations; they are named so that no real
 # field can share the name, and format_loc drops them.
 def _lr_tag(v: Any) -> str:
@@ -56,14 +75,19 @@ def _lr_tag(v: Any) -> str:
 
 
 def _train_tag(v: Any) -> str:
+    if isinstance(v, TrainGroups) or (isinstance(v, dict) and "groups" in v):
+        return "<train-groups>"
     return "<train-last>" if isinstance(v, (dict, TrainLast)) else "<train-name>"
 
 
 LR = Annotated[Union[Annotated[Positive, Tag("<lr-number>")], Annotated[LRSlice, Tag("<lr-slice>")]],
                Discriminator(_lr_tag)]
 Train = Annotated[Union[Annotated[Literal["head", "all"], Tag("<train-name>")],
-                        Annotated[TrainLast, Tag("<train-last>")]], Discriminator(_train_tag)]
-_UNION_TAGS = {"<lr-number>", "<lr-slice>", "<train-name>", "<train-last>"}
+                        Annotated[TrainLast, Tag("<train-last>")],
+                        Annotated[TrainGroups, Tag("<train-groups>")]], Discriminator(_train_tag)]
+_UNION_TAGS = {"<lr-number>", "<lr-slice>", "<train-name>", "<train-last>", "<train-groups>"}
+_TAG_MODELS = {"<lr-slice>": LRSlice, "<train-last>": TrainLast, "<train-groups>": TrainGroups}
+_OPTIONAL_STAGE_FIELDS = ("layer_decay", "l2sp")   # left out of a recipe's YAML when unset
 
 
 class Stage(StrictModel):
@@ -75,14 +99,32 @@ class Stage(StrictModel):
     div: Positive = 25.0
     div_final: Positive = 1e5
     moms: tuple[Fraction, Fraction, Fraction] = DEFAULT_MOMS
+    # layer-wise LR decay: each block's peak LR is lr * layer_decay^(depth - block)
+    # (harness/engine/layer_decay.py); unset: every parameter of a group at the group's LR
+    layer_decay: Annotated[Num, Field(gt=0, le=1)] | None = None
+    l2sp: L2SP | None = None   # decay toward the start weights (harness/engine/l2sp.py)
+
+    @model_validator(mode="after")
+    def _decay_needs_one_lr(self) -> "Stage":
+        if self.layer_decay is not None and isinstance(self.lr, LRSlice):
+            raise ValueError("layer_decay spreads one lr over the blocks: give lr as a number, not a slice")
+        return self
 
     def trainable_groups(self, n_groups: int) -> int:
-        """How many groups (counted from the head backwards) train in this stage."""
+        """How many groups train in this stage."""
         if self.train == "all":
             return n_groups
         if self.train == "head":
             return 1
+        if isinstance(self.train, TrainGroups):
+            return len(self.train.groups)
         return self.train.last
+
+    def trained_groups(self, n_groups: int) -> tuple[int, ...]:
+        """The groups (0-based, input -> output, the head last) that train in this stage."""
+        if isinstance(self.train, TrainGroups):
+            return tuple(self.train.groups)
+        return tuple(range(n_groups - self.trainable_groups(n_groups), n_groups))
 
     def peak_lrs(self, n_groups: int) -> list[float]:
         """Peak LR per group, input -> output (fastai's slice semantics)."""
@@ -211,6 +253,9 @@ class Recipe(StrictModel):
     def _stages_fit_model(self) -> "Recipe":
         n = self.model.groups
         for i, st in enumerate(self.stages):
+            if isinstance(st.train, TrainGroups) and st.train.groups[-1] >= n:
+                raise ValueError(f"stages[{i}].train.groups: group {st.train.groups[-1]} is out of range "
+                                 f"({self.model.arch} has {n} layer groups: 0..{n - 1}, the head {n - 1})")
             if st.trainable_groups(n) > n:
                 raise ValueError(f"stages[{i}].train: last {st.trainable_groups(n)} exceeds the "
                                  f"{n} layer groups of {self.model.arch}")
@@ -234,11 +279,15 @@ class Recipe(StrictModel):
         return cls.from_dict(read_yaml(path), source=str(path))
 
     def to_dict(self) -> dict:
-        """The YAML-shaped dict (defaults resolved, `lr.min` left out when absent)."""
+        """The YAML-shaped dict (defaults resolved, `lr.min` and the unset optional stage
+        fields left out, so a recipe that does not use them reads and hashes as before)."""
         d = self.model_dump(mode="json")
         for st in d["stages"]:
             if isinstance(st["lr"], dict) and st["lr"]["min"] is None:
                 del st["lr"]["min"]
+            for name in _OPTIONAL_STAGE_FIELDS:
+                if st[name] is None:
+                    del st[name]
         return d
 
     def to_yaml(self) -> str:
@@ -302,6 +351,9 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     import typing
     current: Any = model
     for part in loc:
+        if part in _TAG_MODELS:   # the union member the value was read as
+            current = _TAG_MODELS[part]
+            continue
         if isinstance(part, int) or part in _UNION_TAGS:
             continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)):
@@ -334,7 +386,10 @@ def format_loc(loc: tuple) -> str:
 
 def format_validation_error(e: ValidationError, model: type[BaseModel]) -> str:
     """The first error of `e` as 'field.path: what is wrong' on one line."""
-    err = e.errors()[0]
+    errors = e.errors()
+    err = errors[0]
+    # a required field missing beside an unknown key: the unknown key is the misspelt one
+    err = next((x for x in errors if x["type"] == "extra_forbidden" and tuple(x["loc"])[:-1] == tuple(err["loc"])[:-1]), err)
     loc = tuple(err["loc"])
     if err["type"] == "extra_forbidden":
         name = loc[-1]

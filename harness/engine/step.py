@@ -17,8 +17,8 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Hyper:
-    """One step's hyperparameters: an LR per layer group (param groups carry `layer_group`),
-    and AdamW's betas."""
+    """One step's hyperparameters: an LR per layer group (param groups carry `layer_group`,
+    and `lr_scale`, the factor on it: 1 but under layer-wise LR decay), and AdamW's betas."""
     lrs: Sequence[float]
     beta1: float
     sqr_mom: float
@@ -50,7 +50,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     `forward` replaces the model's forward on images (a probe: the head on features)."""
     lrs, betas = hyper.lrs, (hyper.beta1, hyper.sqr_mom)
     for pg in opt.param_groups:
-        pg["lr"] = lrs[pg["layer_group"]]
+        pg["lr"] = lrs[pg["layer_group"]] * pg["lr_scale"]   # x * 1.0 is x, bit for bit
         pg["betas"] = betas
     with autocast(x.device):
         out = forward(x) if forward is not None else model(model_format(x, x.device))

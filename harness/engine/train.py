@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from harness.engine import data as data_mod
+from harness.engine import l2sp, layer_decay
 from harness.engine import probe as probe_mod
 from harness import interrupts
 from harness.errors import HarnessError
@@ -52,13 +53,36 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(model: LayerGroups, stage: Stage, recipe: Recipe, device: torch.device):
-    """A fresh AdamW for one stage: fastai's Adam with decoupled weight decay."""
+def make_optimizer(model: LayerGroups, stage: Stage, recipe: Recipe, device: torch.device,
+                   start: dict[str, torch.Tensor] | None = None):
+    """A fresh AdamW for one stage: fastai's Adam with decoupled weight decay; each parameter
+    at its block's share of the LR under `stage.layer_decay`, and under `stage.l2sp` the body
+    pulled toward `start` (theta_0; the weights as they are now when not given)."""
     opt_cfg = recipe.optimizer
-    groups = param_groups(model, opt_cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=stage.peak_lrs(model.n_groups)[-1],
-                             betas=(stage.moms[0], opt_cfg.sqr_mom), eps=opt_cfg.eps,
-                             fused=device.type == "cuda")
+    scales = None if stage.layer_decay is None else layer_decay.lr_scales(model, stage.layer_decay)
+    groups = param_groups(model, opt_cfg.weight_decay, scales)
+    optimizer = torch.optim.AdamW
+    if stage.l2sp is not None:
+        groups = l2sp.l2sp_groups(groups, model, stage.l2sp, start or l2sp.start_weights(model))
+        optimizer = l2sp.AdamWSP
+    return optimizer(groups, lr=stage.peak_lrs(model.n_groups)[-1], betas=(stage.moms[0], opt_cfg.sqr_mom),
+                     eps=opt_cfg.eps, fused=device.type == "cuda")
+
+
+def start_weights(recipe: Recipe, model: LayerGroups) -> dict[str, torch.Tensor] | None:
+    """theta_0 of an L2-SP stage (the model as built, before any stage); None without one."""
+    return l2sp.start_weights(model) if any(s.l2sp is not None for s in recipe.stages) else None
+
+
+def lr_spread(opt: torch.optim.Optimizer, n_groups: int) -> list[tuple[float, float]]:
+    """Per layer group, the (lowest, highest) `lr_scale` of its param groups: (1, 1) but
+    under layer-wise LR decay."""
+    spread = [(1.0, 1.0)] * n_groups
+    for g in range(n_groups):
+        scales = [pg["lr_scale"] for pg in opt.param_groups if pg["layer_group"] == g]
+        if scales:
+            spread[g] = (min(scales), max(scales))
+    return spread
 
 
 def evaluate(model: nn.Module, split: data_mod.Split, batch_size: int, device: torch.device):
@@ -134,8 +158,9 @@ def fine_tune(recipe: Recipe, tracker: Tracker | None = None, workspace: str | P
     run = prepare(recipe, workspace, memory=memory)
     result = Result(group_names=run.model.group_names, n_train=len(run.train.y),
                     class_names=list(run.dataset.class_names), model=run.model, input_stats=run.model.input_stats)
+    theta_0 = start_weights(recipe, run.model)   # before a checkpoint is restored: the model as built
     first, stop, step, epoch = _stage_range(recipe, plan, run, result)
-    loop = _Loop(recipe, run, result, tracker or NullTracker(), report, (step, epoch))
+    loop = _Loop(recipe, run, result, tracker or NullTracker(), report, (step, epoch), theta_0)
     loop.bar = _progress_bar(run.n_iter * sum(s.epochs for s in recipe.stages[first:stop]), progress)
     start = time.perf_counter()
     try:
@@ -167,9 +192,12 @@ class _Loop:
     body's cached features (`probe`, harness/engine/probe.py): the same steps and numbers."""
 
     def __init__(self, recipe: Recipe, run: Prepared, result: Result, tracker: Tracker,
-                 report: Callable[[int, float | None], None] | None, counters: tuple[int, int]):
+                 report: Callable[[int, float | None], None] | None, counters: tuple[int, int],
+                 start: dict[str, torch.Tensor] | None = None):
         self.recipe, self.run, self.result, self.tracker, self.report = recipe, run, result, tracker, report
         self.step, self.epoch = counters
+        self.start = start                          # theta_0 of L2-SP stages
+        self.spread: list[tuple[float, float]] = []  # the stage's lr_scale range per layer group
         self.val = data_mod.to_device(run.dataset.val, run.device)
         self.bar = _NoBar()
         self.probe: probe_mod.Probe | None = None   # the current stage's, when it qualifies
@@ -178,9 +206,10 @@ class _Loop:
     def run_stage(self, k: int) -> bool:
         """Stage k (0-based): one one-cycle fit from a fresh optimizer; False when it diverged."""
         stage, model = self.recipe.stages[k], self.run.model
-        set_trainable(model, stage.trainable_groups(model.n_groups), self.recipe.model.train_bn)
+        set_trainable(model, stage.trained_groups(model.n_groups), self.recipe.model.train_bn)
         self.probe = self.stage_probe(stage)
-        opt = make_optimizer(model, stage, self.recipe, self.run.device)
+        opt = make_optimizer(model, stage, self.recipe, self.run.device, self.start)
+        self.spread = lr_spread(opt, model.n_groups)
         self.result.stage_starts.append(self.step)
         return all(self.run_epoch(k, opt) for _ in range(stage.epochs))
 
@@ -190,17 +219,19 @@ class _Loop:
         # the epoch's schedule made before its steps: the step loop only reads it
         hypers = epoch_hypers(recipe.stages[k], recipe.optimizer.sqr_mom, run.model.n_groups, run.n_iter,
                               self.step - result.stage_starts[-1])
+        tops = None if all(hi == 1.0 for _, hi in self.spread) else [hi for _, hi in self.spread]
         t0, first_step, losses = time.perf_counter(), self.step, []
         for (x, y), hyper in zip(self.train_batches(), hypers):
             interrupts.checkpoint()
-            result.lrs.append(list(hyper.lrs))
+            # a group's LR as its fastest param group holds it (its top block under layer decay)
+            result.lrs.append(list(hyper.lrs) if tops is None else [lr * hi for lr, hi in zip(hyper.lrs, tops)])
             result.moms.append(hyper.beta1)
             losses.append(step_fn(run.model, opt, x, y, hyper))
             self.step += 1
             self.bar.update(1)
         self.epoch += 1
         step_losses = torch.stack(losses).float().cpu()   # the one read per epoch
-        _log_steps(self.tracker, result, first_step, step_losses)
+        _log_steps(self.tracker, result, first_step, step_losses, self.lowest_lrs(hypers[:len(losses)]))
         bad = (~torch.isfinite(step_losses)).nonzero()
         if len(bad):
             result.outcome = Outcome("diverged", step=first_step + int(bad[0]))
@@ -219,6 +250,12 @@ class _Loop:
         if self.report is not None:
             self.report(self.epoch, val_acc)
         return True
+
+    def lowest_lrs(self, hypers: list[Hyper]) -> dict[str, list[float]]:
+        """`lr/<group>/min` per step: each layer group's slowest block, for the groups whose
+        blocks train at several LRs (layer decay); readable beside `lr/<group>` (the fastest)."""
+        return {f"lr/{name}/min": [h.lrs[g] * lo for h in hypers]
+                for g, (name, (lo, hi)) in enumerate(zip(self.result.group_names, self.spread)) if lo != hi}
 
     def stage_probe(self, stage: Stage) -> probe_mod.Probe | None:
         """The stage's feature cache when it qualifies and its features fit the cache."""
@@ -288,14 +325,15 @@ def _release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _log_steps(tracker: Tracker, result: Result, first_step: int, losses: torch.Tensor) -> None:
+def _log_steps(tracker: Tracker, result: Result, first_step: int, losses: torch.Tensor,
+               extra: dict[str, list[float]] | None = None) -> None:
     n = len(losses)
     lrs, moms = result.lrs[first_step:first_step + n], result.moms[first_step:first_step + n]
     series = {"train/loss": losses.tolist()}
     for g, name in enumerate(result.group_names):
         series[f"lr/{name}"] = [row[g] for row in lrs]
         series[f"momentum/{name}"] = moms
-    tracker.log_steps(first_step, series)
+    tracker.log_steps(first_step, {**series, **(extra or {})})
 
 
 class _NoBar:

@@ -1,7 +1,7 @@
 """A strategy's search space as data, and the ONLY place that calls `trial.suggest_*`.
 
 Syntax per hyperparameter: float `{low, high, log}`, int `{low, high}` (int when the
-strategy's default is an int), `{choices: [...]}`, or a fixed value. A space carries its
+strategy's default is an int: epochs, surgical's `block`), `{choices: [...]}`, or a fixed value. A space carries its
 strategy's rules (harness/sweep/strategies.py): ordered pairs such as `lr_low <= lr_high`
 hold by construction (the second one is sampled inside the first's bound, so no trial is
 ever wasted on an impossible combination), and epoch splits leave the next stage an epoch.
@@ -95,6 +95,9 @@ def parse_param(field: str, raw: Any, default: Any) -> ParamSpec:
             choices = raw["choices"]
             if not isinstance(choices, list) or not choices:
                 raise HarnessError(f"{field}.choices: must be a non-empty list")
+            bad = [c for c in choices if is_int and (isinstance(c, bool) or not isinstance(c, int))]
+            if bad:
+                raise HarnessError(f"{field}.choices: {name} is a whole number, got {bad[0]!r}")
             return ParamSpec(name, "choices", choices=tuple(choices))
         unknown = keys - {"low", "high", "log"}
         if unknown:
@@ -107,7 +110,7 @@ def parse_param(field: str, raw: Any, default: Any) -> ParamSpec:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise HarnessError(f"{field}.{k}: expected a number, got {v!r}")
             if is_int and not isinstance(v, int):
-                raise HarnessError(f"{field}.{k}: {name} is a whole number of epochs, got {v!r}")
+                raise HarnessError(f"{field}.{k}: {name} is a whole number, got {v!r}")
         if not isinstance(log, bool):
             raise HarnessError(f"{field}.log: expected true or false, got {log!r}")
         if not low < high:
@@ -118,7 +121,7 @@ def parse_param(field: str, raw: Any, default: Any) -> ParamSpec:
     if isinstance(raw, (list, tuple)) or raw is None:
         raise HarnessError(f"{field}: expected a number, a range {{low, high}} or {{choices: [...]}}")
     if is_int and (isinstance(raw, bool) or not isinstance(raw, int)):
-        raise HarnessError(f"{field}: {name} is a whole number of epochs, got {raw!r}")
+        raise HarnessError(f"{field}: {name} is a whole number, got {raw!r}")
     return ParamSpec(name, "fixed", value=raw)
 
 

@@ -75,6 +75,32 @@ def lp_ft(epochs: int, probe_epochs: int = 1, lr_probe: float = 1e-2, lr: float 
             Stage(epochs=epochs - probe_epochs, train="all", lr=lr, pct_start=pct_start, div=25)]
 
 
+def llrd(epochs: int, lr: float = 1e-3, layer_decay: float = 0.75, pct_start: float = 0.25) -> list[Stage]:
+    """Layer-wise LR decay (BEiT, ELECTRA): everything trains, block i of a model `depth`
+    blocks deep at lr * layer_decay^(depth - i) (timm's blocks: harness/engine/layer_decay.py);
+    0.75 is timm's default decay."""
+    return [Stage(epochs=epochs, train="all", lr=lr, pct_start=pct_start, div=25, layer_decay=layer_decay)]
+
+
+def surgical(epochs: int, block: int = 0, lr: float = 1e-3, pct_start: float = 0.25,
+             n_groups: int = 3) -> list[Stage]:
+    """Surgical fine-tuning (Lee et al. 2023): body group `block` and the head train, the rest
+    stays frozen (block 0, the first, is the paper's pick for input-level shifts)."""
+    if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block <= n_groups - 2:
+        raise HarnessError(f"block: must be a body group, 0..{n_groups - 2} of the model's {n_groups} "
+                           f"layer groups (the head, {n_groups - 1}, always trains), got {block!r}")
+    return [Stage(epochs=epochs, train={"groups": [block, n_groups - 1]}, lr=lr, pct_start=pct_start, div=25)]
+
+
+def l2sp(epochs: int, lr: float = 1e-3, alpha_sp: float = 0.1, beta: float = 0.01,
+         pct_start: float = 0.25) -> list[Stage]:
+    """L2-SP (Li et al. 2018): everything trains at one LR; the body decays toward the
+    pretrained weights (strength alpha_sp), the head toward zero (beta); decoupled, as AdamW's
+    weight decay (harness/engine/l2sp.py)."""
+    return [Stage(epochs=epochs, train="all", lr=lr, pct_start=pct_start, div=25,
+                  l2sp={"alpha_sp": alpha_sp, "beta": beta})]
+
+
 def _check_freeze(epochs: int, freeze: int, field: str = "freeze_epochs") -> None:
     if not 1 <= freeze < epochs:
         raise HarnessError(f"{field}: must be between 1 and budget.epochs - 1 = {epochs - 1}, got {freeze}")
@@ -107,7 +133,8 @@ class Strategy:
 
     def stages(self, epochs: int, n_groups: int = 3, **params) -> list[Stage]:
         """The stages for a budget of `epochs`; `n_groups` (the model's layer groups) reaches
-        the builders that depend on it (gradual unfreezes one group per stage)."""
+        the builders that depend on it (gradual unfreezes one group per stage, surgical picks
+        one body group)."""
         unknown = set(params) - set(self.defaults)
         if unknown:
             raise HarnessError(f"{self.name}: unknown hyperparameter '{sorted(unknown)[0]}' "
@@ -125,6 +152,9 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("gradual", gradual),
     Strategy("lp_ft", lp_ft, Rules(epoch_splits=("probe_epochs",)),
              ((1, lambda v: {"lr_probe": v}), (2, lambda v: {"lr": v}))),
+    Strategy("llrd", llrd),
+    Strategy("surgical", surgical),
+    Strategy("l2sp", l2sp),
 )}
 
 

@@ -14,8 +14,11 @@ NAMES = ("accuracy", "balanced_accuracy", "macro_f1")   # the scores every split
 
 
 def confusion(y_true: torch.Tensor, y_pred: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """[true, predicted] counts, on the labels' device (one bincount: no host read)."""
-    return torch.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).view(n_classes, n_classes)
+    """[true, predicted] counts, on the labels' device. An index_add_, not a bincount: CUDA's
+    bincount reads the labels' range back to the host, a sync per batch."""
+    counts = torch.zeros(n_classes * n_classes, dtype=torch.long, device=y_true.device)
+    counts.index_add_(0, y_true * n_classes + y_pred, torch.ones_like(y_true))
+    return counts.view(n_classes, n_classes)
 
 
 def _counts(cm: torch.Tensor | Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,7 +1,9 @@
 """`harness compare` decides: every pair tested (paired, Holm-corrected), the seeds that would
 separate the leading pair, `--seeds auto` with a stopping rule that keeps its error rate;
 the sweep's own model scored for seed 0 (the same numbers as training it again); accuracy
-under ImageNet-C style corruptions and on a shift folder; the winner an MLflow model."""
+under ImageNet-C style corruptions and on a shift folder; the winner an MLflow model; the
+ranking and the tests on the study's metric, all three test scores reported, a confusion
+matrix per strategy and seed (an imbalanced folder end to end)."""
 from __future__ import annotations
 
 import math

@@ -21,7 +21,7 @@ from harness.results import status_rows
 from harness.workspace import Stores
 from harness.sweep.study import load_study
 from test_sweep import (BASE_STUDY, PNG_MAGIC, THREADS, base_recipe, base_sweep,
-                        client_for, invoke, write_study)
+                        client_for, fresh_tracking_uri, invoke, write_study)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -193,21 +193,25 @@ def test_status_noise_of_balanced_accuracy_counts_the_small_classes(tmp_path):
                    f"2 SE = {margin * 60:.1f} images: their order is not evidence"]
 
 
-def test_status_of_a_loss_says_it_judges_no_noise_and_a_study_swept_on_another_metric_is_refused(tmp_path):
+def test_status_of_a_loss_says_it_judges_no_noise_and_a_study_swept_on_another_metric_is_refused(
+        tmp_path, tmp_path_factory):
     path, study, storage = constructed_storage(tmp_path, {
         "naive": [naive_trial(v, 1e-3, 0.4, val_images=80) for v in (0.3, 0.31)]}, metric="val/loss")
     out = invoke(["status", path, "--workspace", tmp_path, "--storage", storage]).output
     assert status_line(out, "naive")[:7] == ["naive", "2", "0", "0", "0", "0", "0.3000"]   # minimised
     assert noise_part(out) == ["noise: val/loss has no binomial standard error; how far apart the trials are "
                                "is not judged"]
-    # the same store read by a study file that now says val/macro_f1: one line, exit 2
+    # the same store read (or swept) by a study file that now says val/macro_f1: one line, exit 2
     spec = yaml.safe_load(path.read_text())
     path.write_text(yaml.safe_dump({**spec, "metric": "val/macro_f1"}))
-    for cmd in ("status", "export", "compare"):
-        res = CliRunner().invoke(main, [cmd, str(path), "--workspace", str(tmp_path), "--storage", storage])
+    tracking = fresh_tracking_uri(tmp_path_factory, tmp_path)
+    for cmd in ("status", "export", "compare", "sweep"):   # a sweep would add macro F1s to a study of losses
+        res = CliRunner().invoke(main, [cmd, str(path), "--workspace", str(tmp_path), "--storage", storage,
+                                        "--tracking-uri", tracking])
         assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
         assert res.output.strip().endswith("metric: val/macro_f1, but the stored study edge/naive was swept on "
                                            "val/loss; give the study a new name or set metric back to val/loss")
+    assert [t.value for t in optuna.load_study(study_name="edge/naive", storage=storage).get_trials()] == [0.3, 0.31]
 
 
 # --- compare on the base sweep ------------------------------------------------------------------

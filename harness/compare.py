@@ -1,6 +1,8 @@
 """`harness compare`: each strategy's best recipe over seeds, scored on the held-out test
-split and under shift; every pair of strategies tested (harness/stats.py); `--seeds auto`
-adds seeds until the leading pair is separated; the winner logged as an MLflow model.
+split (accuracy, balanced accuracy, macro F1 and a confusion matrix per seed) and under
+shift (accuracy); ranked and every pair tested (harness/stats.py) on the study's metric;
+`--seeds auto` adds seeds until the leading pair is separated; the winner logged as an
+MLflow model.
 
 Seed k of compare is the trial's own seed + k. Seed 0 is the very run the sweep made, so
 its kept model (harness/sweep/keep.py) is scored instead of trained again; the others
@@ -9,6 +11,7 @@ train the recipe from scratch with their seed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +22,7 @@ import optuna
 from harness import stats
 from harness.engine import data as data_mod
 from harness.engine.data.resize import stored_size
+from harness.engine.metrics import NAMES as SCORE_NAMES
 from harness.engine.recipe import Recipe
 from harness.engine.shift import Corruption, accuracy, corrupted_batches, corruptions, per_class
 from harness.errors import HarnessError
@@ -84,7 +88,11 @@ class StrategyResult:
     trials: int
     best_val: float
     mean_trial_s: float
-    test: list[float] = field(default_factory=list)     # one per seed, seeds 0..K-1
+    test: list[float] = field(default_factory=list)     # the study's metric on the test split, seeds 0..K-1
+    metric: str = "accuracy"                            # which: a key of `scores`
+    scores: dict[str, list[float]] = field(default_factory=dict)   # accuracy, balanced_accuracy, macro_f1, loss -> per seed
+    confusions: list[Any] = field(default_factory=list)  # per seed: [true, predicted] counts (None: the seed failed)
+    class_names: list[str] = field(default_factory=list)
     lr_result: Any = None                               # the seed-0 Result, for its LR curves
     recipe: Recipe | None = None                        # the best trial's recipe (its stages say which groups train)
     shift: dict[str, list[float]] = field(default_factory=dict)   # shift label -> accuracy per seed
@@ -110,17 +118,37 @@ class StrategyResult:
     def shift_mean(self, label: str) -> float:
         return statistics.fmean(self.shift[label])
 
+    def score_mean(self, name: str) -> float:
+        """The mean over seeds of one test score ("accuracy", "macro_f1", ...)."""
+        return statistics.fmean(self.scores[name]) if name in self.scores else self.mean
+
+    def add_seed(self, score, n_classes: int) -> None:
+        """One seed's test Score (step.Score); None for a failed seed, which scores 0, and
+        ln(classes) in loss, a uniform guess's."""
+        values = ({**score.metrics(), "loss": score.loss} if score is not None
+                  else {**dict.fromkeys(SCORE_NAMES, 0.0), "loss": math.log(n_classes)})
+        for name, v in values.items():
+            self.scores.setdefault(name, []).append(v)
+        self.test.append(values[self.metric])
+        self.confusions.append(None if score is None else score.confusion.tolist())
+
 
 @dataclass
 class Comparison:
-    rows: list[StrategyResult]                  # best mean test accuracy first
+    rows: list[StrategyResult]                  # best mean test value of the study's metric first
     pairs: list[stats.PairTest] = field(default_factory=list)
     looks: int = 1                              # the looks --seeds auto's plan allowed
+    maximize: bool = True                       # False for a loss: the lowest mean wins
 
     @classmethod
-    def of(cls, rows: list[StrategyResult], looks: int = 1) -> "Comparison":
-        rows = sorted(rows, key=lambda r: r.mean, reverse=True)
-        return cls(rows, stats.all_pairs({r.strategy: r.test for r in rows}, looks), looks)
+    def of(cls, rows: list[StrategyResult], looks: int = 1, maximize: bool = True) -> "Comparison":
+        rows = sorted(rows, key=lambda r: r.mean, reverse=maximize)
+        return cls(rows, stats.all_pairs({r.strategy: r.test for r in rows}, looks), looks, maximize)
+
+    @property
+    def metric(self) -> str:
+        """What the rows are ranked and tested on ("accuracy", "macro_f1", "loss", ...)."""
+        return self.rows[0].metric
 
     @property
     def winner(self) -> str:
@@ -149,6 +177,8 @@ class Comparison:
 
     def method(self) -> str:
         parts = ["paired t-test over {} seeds".format(self.seeds)]
+        if self.metric != "accuracy":
+            parts[0] += f" on test {self.metric}"
         if len(self.pairs) > 1:
             parts.append(f"Holm-corrected over {len(self.pairs)} pairs")
         if self.looks > 1:
@@ -199,7 +229,7 @@ def _entries(study: Study, stores: Stores, echo: Callable[[str], None]) -> list[
         times = [t.user_attrs["seconds"] for t in ostudy.get_trials(deepcopy=False) if "seconds" in t.user_attrs]
         recipe = trial_recipe(best)
         row = StrategyResult(strategy, count_trials(ostudy).done, best.value, sum(times) / max(len(times), 1),
-                             recipe=recipe)
+                             metric=metric_key(study), recipe=recipe)
         out.append(_Entry(row, best, recipe))
     if not out:
         raise HarnessError(f"{study.source}: no strategy has a completed trial; run `harness sweep` first")
@@ -214,7 +244,7 @@ class _Scorer:
         self._test: dict[tuple, data_mod.Split] = {}
 
     def score(self, entry: _Entry, k: int) -> None:
-        from harness.engine.train import evaluate, fine_tune, resolve_device
+        from harness.engine.train import evaluate_split, fine_tune, resolve_device
         row, seed = entry.row, entry.recipe.seed + k
         recipe = entry.recipe.replace(seed=seed)
         device = resolve_device(recipe.device)
@@ -226,14 +256,15 @@ class _Scorer:
             kept = load_kept(folder, entry.trial.number, recipe)
         if kept is not None:
             model, result = kept.model.to(device), kept.result
-            result.test_accuracy = evaluate(model, self.test_split(recipe, device), 2 * recipe.data.batch_size,
-                                            device)[1]
+            result.test_score = evaluate_split(model, self.test_split(recipe, device), 2 * recipe.data.batch_size,
+                                               device)
         else:
             result = fine_tune(recipe, workspace=self.stores.workspace)
             model = result.model
             if not result.ok:
                 self.echo(f"[{row.strategy}] seed {k}: {result.status}; scored as 0")
-        row.test.append(result.test_accuracy or 0.0)
+        row.class_names = list(result.class_names)
+        row.add_seed(result.test_score if result.ok else None, len(result.class_names))
         shifted = self.shifted(model, recipe, device) if result.ok else {}
         for label in self.plan.shift_labels:
             row.shift.setdefault(label, []).append(shifted.get(label) or 0.0)
@@ -243,7 +274,8 @@ class _Scorer:
             row.lr_result = result
         where = " (the sweep's own model)" if kept is not None else ""
         extra = "".join(f", {label} {row.shift[label][-1]:.4f}" for label in self.plan.shift_labels)
-        self.echo(f"[{row.strategy}] seed {k}: test accuracy {row.test[-1]:.4f}{extra}{where}")
+        self.echo(f"[{row.strategy}] seed {k}: test accuracy {row.scores['accuracy'][-1]:.4f}, balanced "
+                  f"{row.scores['balanced_accuracy'][-1]:.4f}, macro F1 {row.scores['macro_f1'][-1]:.4f}{extra}{where}")
 
     def test_split(self, recipe: Recipe, device) -> data_mod.Split:
         key = (recipe.data.model_dump_json(), str(device))
@@ -273,30 +305,41 @@ def compare(study: Study, stores: Stores, plan: ComparePlan | None = None,
     plan = plan or plan_compare(study)
     entries = _entries(study, stores, echo)
     scorer = _Scorer(study, stores, plan, echo)
+    maximize = study.direction == "maximize"
     for k in range(plan.first):
         for e in entries:
             scorer.score(e, k)
-    cmp = Comparison.of([e.row for e in entries], plan.looks)
+    cmp = Comparison.of([e.row for e in entries], plan.looks, maximize)
     while plan.auto and len(entries) > 1 and not cmp.significant and cmp.seeds < plan.most:
         echo(f"--seeds auto: {cmp.winner} vs {cmp.runner_up} not separated after {cmp.seeds} seeds "
              f"(p = {cmp.p_value:.3g}); adding seed {cmp.seeds}")
         for e in entries:
             scorer.score(e, cmp.seeds)
-        cmp = Comparison.of([e.row for e in entries], plan.looks)
+        cmp = Comparison.of([e.row for e in entries], plan.looks, maximize)
     return cmp
+
+
+def metric_key(study: Study) -> str:
+    """The study's metric as a test score's name: val/macro_f1 -> macro_f1."""
+    return study.config.metric.split("/", 1)[1]
 
 
 # --- tables, picture, MLflow ---------------------------------------------------------------
 
 def comparison_table(cmp: Comparison) -> "Any":
+    """One row per strategy: the study's metric on val (best trial) and test (mean, std, 95 %
+    interval over seeds), the other test scores' means, accuracy under each shift."""
     import pandas as pd
     records = []
+    m = cmp.metric
     for r in cmp.rows:
         lo, hi = r.ci95()
-        rec = {"strategy": r.strategy, "trials": r.trials, "best_val_accuracy": round(r.best_val, 4),
-               "test_accuracy_mean": round(r.mean, 4), "test_accuracy_std": round(r.std, 4),
+        rec = {"strategy": r.strategy, "trials": r.trials, f"best_val_{m}": round(r.best_val, 4),
+               f"test_{m}_mean": round(r.mean, 4), f"test_{m}_std": round(r.std, 4),
                "test_ci95_low": round(lo, 4), "test_ci95_high": round(hi, 4),
                "seeds": len(r.test), "mean_trial_seconds": round(r.mean_trial_s, 1)}
+        rec.update({f"test_{name}_mean": round(r.score_mean(name), 4) for name in SCORE_NAMES
+                    if name != m and name in r.scores})
         rec.update({f"{label}_mean": round(r.shift_mean(label), 4) for label in r.shift})
         records.append(rec)
     return pd.DataFrame.from_records(records)
@@ -324,6 +367,8 @@ def markdown_table(df) -> str:
 def report_text(study: Study, cmp: Comparison) -> str:
     """compare.md: the strategies, every pair, the verdict."""
     text = (f"# Study {study.name}: strategies on the held-out test split\n\n"
+            f"Ranked and tested on test {cmp.metric} (the study's metric is {study.config.metric}); "
+            f"shifts are scored in accuracy.\n\n"
             f"{markdown_table(comparison_table(cmp))}\n\n")
     if cmp.pairs:
         text += (f"## Every pair ({cmp.method()}; a 95 % interval per pair)\n\n"
@@ -331,11 +376,32 @@ def report_text(study: Study, cmp: Comparison) -> str:
     return text + cmp.verdict() + "\n"
 
 
+def write_confusions(cmp: Comparison, folder: Path) -> list[Path]:
+    """Each strategy's confusion matrix per seed as `<strategy>-seed<k>.csv` (rows: true
+    class, columns: predicted) and `.png` in `folder`; a failed seed has none."""
+    import pandas as pd
+
+    from harness.report import confusion_figure
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for r in cmp.rows:
+        for k, cm in enumerate(r.confusions):
+            if cm is None:
+                continue
+            stem = folder / f"{r.strategy}-seed{k}"
+            df = pd.DataFrame(cm, index=pd.Index(r.class_names, name="true"), columns=r.class_names)
+            df.to_csv(stem.with_suffix(".csv"))
+            confusion_figure(cm, r.class_names, f"{r.strategy}, seed {k}").savefig(stem.with_suffix(".png"), dpi=110)
+            written += [stem.with_suffix(".csv"), stem.with_suffix(".png")]
+    return written
+
+
 def save_comparison(study: Study, cmp: Comparison, stores: Stores) -> Path:
-    """Write compare.csv / compare_pairs.csv / compare.md / compare.png under
-    WORKSPACE/reports/<study>/ and log them, with one metric per strategy and seed (and per
-    shift), to a `compare` run in the study's experiment; the winner's seed-0 model is
-    logged there as an MLflow PyTorch model."""
+    """Write compare.csv / compare_pairs.csv / compare.md / compare.png and the confusion
+    matrices (confusion/<strategy>-seed<k>.csv and .png) under WORKSPACE/reports/<study>/
+    and log them, with each test score per strategy and seed (and accuracy per shift), to
+    a `compare` run in the study's experiment; the winner's seed-0 model is logged there
+    as an MLflow PyTorch model."""
     from harness.report import compare_figure
 
     out = stores.reports(study.name)
@@ -345,18 +411,22 @@ def save_comparison(study: Study, cmp: Comparison, stores: Stores) -> Path:
     (out / "compare.md").write_text(report_text(study, cmp))
     fig = compare_figure(cmp)
     fig.savefig(out / "compare.png", dpi=110)
+    confusions = write_confusions(cmp, out / "confusion")
     tracking = Tracking(stores.tracking_uri, stores.workspace)
     with tracking.run(study.name, "compare", tags={"harness.kind": "compare", "winner": cmp.winner}) as run:
         for r in cmp.rows:
-            run.log_steps(0, {f"test_accuracy/{r.strategy}": r.test,
+            scores = r.scores or {r.metric: r.test}
+            run.log_steps(0, {**{f"test_{name}/{r.strategy}": v for name, v in scores.items()},
                               **{f"shift_accuracy/{label}/{r.strategy}": v for label, v in r.shift.items()}})
-            run.log_epoch(0, {f"test_accuracy_mean/{r.strategy}": r.mean,
+            run.log_epoch(0, {**{f"test_{name}_mean/{r.strategy}": statistics.fmean(v) for name, v in scores.items()},
                               **{f"shift_accuracy_mean/{label}/{r.strategy}": r.shift_mean(label) for label in r.shift}})
         if cmp.p_value is not None:
             run.log_epoch(0, {"p_value": cmp.p_value})
-        run.set_tags({"verdict": cmp.verdict(), "method": cmp.method()})
+        run.set_tags({"verdict": cmp.verdict(), "method": cmp.method(), "metric": study.config.metric})
         for name in ("compare.csv", "compare_pairs.csv", "compare.md"):
             run.log_file(out / name)
+        for path in confusions:
+            run.log_file(path, "confusion")
         run.log_figure(fig, "compare.png")
         winner = cmp.rows[0]
         if winner.model is not None:

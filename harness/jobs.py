@@ -26,10 +26,10 @@ from harness.workspace import Stores
 
 def tracked_fine_tune(recipe: Recipe, tracker: MlflowTracker, workspace: str | Path = "workspace", *,
                       report: Callable[[int, float | None], None] | None = None, progress: bool = False,
-                      plan: StagePlan | None = None) -> Result:
+                      plan: StagePlan | None = None, metric: str = "val/accuracy") -> Result:
     """fine_tune with everything a run records: the flattened recipe as params, the layer
     groups and runtime tags, the recipe YAML, per-step curves and the LR plot. A diverged
-    run ends FAILED with its reason."""
+    run ends FAILED with its reason. `report` gets `metric`'s value every epoch."""
     import torch
 
     from harness.report import lr_figure
@@ -43,7 +43,8 @@ def tracked_fine_tune(recipe: Recipe, tracker: MlflowTracker, workspace: str | P
                       "runtime.torch": torch.__version__, "runtime.threads": torch.get_num_threads(),
                       "runtime.device": str(resolve_device(recipe.device))})
     tracker.log_text(recipe.to_yaml(), "recipe.yaml")
-    result = fine_tune(recipe, tracker, workspace, report=report, progress=progress, plan=plan, memory=memory)
+    result = fine_tune(recipe, tracker, workspace, report=report, progress=progress, plan=plan, memory=memory,
+                       metric=metric)
     tracker.set_tags({"harness.status": result.status})
     if result.input_stats is not None:   # what the inputs were normalised with (the weights' own)
         tracker.log_params({"input.mean": list(result.input_stats.mean), "input.std": list(result.input_stats.std)})

@@ -1,7 +1,9 @@
 """`harness compare` decides: every pair tested (paired, Holm-corrected), the seeds that would
 separate the leading pair, `--seeds auto` with a stopping rule that keeps its error rate;
 the sweep's own model scored for seed 0 (the same numbers as training it again); accuracy
-under ImageNet-C style corruptions and on a shift folder; the winner an MLflow model."""
+under ImageNet-C style corruptions and on a shift folder; the winner an MLflow model; the
+ranking and the tests on the study's metric, all three test scores reported, a confusion
+matrix per strategy and seed (an imbalanced folder end to end)."""
 from __future__ import annotations
 
 import math
@@ -19,7 +21,7 @@ from scipy import stats as sstats
 
 from harness import stats
 from harness.cli import main
-from harness.compare import Comparison, StrategyResult
+from harness.compare import Comparison, StrategyResult, comparison_table, write_confusions
 from harness.engine.shift import CORRUPTIONS, SEVERITIES, Corruption, corrupted_batches, per_class
 from harness.engine.data import Split
 from shipped import REPO
@@ -166,6 +168,72 @@ def test_severity_tables_are_imagenet_c():
     assert Corruption("contrast", 5).value == 0.05 and Corruption("gaussian_blur", 2).label == "gaussian_blur-2"
 
 
+# --- the study's metric, the confusion matrices ---------------------------------------------------
+
+def _seed(cm, loss=0.5):
+    from harness.engine.step import Score
+    cm = torch.tensor(cm)
+    return Score(loss, int(cm.trace()) / int(cm.sum()), int(cm.sum()), cm)
+
+
+ALWAYS_0 = [[8, 0, 0], [3, 0, 0], [1, 0, 0]]      # 8 / 3 / 1 images: accuracy 8/12, macro F1 (16/20)/3
+SPREAD = [[[3, 5, 0], [0, 3, 0], [0, 0, 1]],     # accuracy 7/12, macro F1 (6/11 + 6/11 + 1)/3
+          [[4, 4, 0], [1, 2, 0], [0, 0, 1]]]     # accuracy 7/12, macro F1 (8/13 + 4/9 + 1)/3
+
+
+def _rows(metric):
+    a = StrategyResult("majority", 2, 0.9, 1.0, metric=metric, class_names=["x", "y", "z"])
+    b = StrategyResult("spread", 2, 0.8, 1.0, metric=metric, class_names=["x", "y", "z"])
+    for k in range(2):
+        a.add_seed(_seed(ALWAYS_0, loss=0.6 + 0.1 * k), 3)
+        b.add_seed(_seed(SPREAD[k], loss=0.9), 3)
+    return a, b
+
+
+def test_compare_ranks_and_tests_on_the_studys_metric_and_reports_all_three():
+    """The majority guess wins on accuracy and loses on macro F1 and balanced accuracy:
+    which one compare ranks and tests on is the study's metric."""
+    by_acc = Comparison.of(list(_rows("accuracy")))
+    assert by_acc.winner == "majority" and by_acc.rows[0].test == [8 / 12] * 2
+    by_f1 = Comparison.of(list(_rows("macro_f1")))
+    f1 = [(6 / 11 + 6 / 11 + 1) / 3, (8 / 13 + 4 / 9 + 1) / 3]
+    assert by_f1.winner == "spread" and by_f1.rows[0].test == pytest.approx(f1)
+    (pair,) = by_f1.pairs
+    assert pair.mean_diff == pytest.approx(sum(f1) / 2 - (16 / 20) / 3)
+    assert "paired t-test over 2 seeds on test macro_f1" in by_f1.verdict()
+    table = comparison_table(by_f1)
+    assert list(table.columns) == ["strategy", "trials", "best_val_macro_f1", "test_macro_f1_mean", "test_macro_f1_std",
+                                   "test_ci95_low", "test_ci95_high", "seeds", "mean_trial_seconds",
+                                   "test_accuracy_mean", "test_balanced_accuracy_mean"]
+    assert list(table["test_accuracy_mean"]) == [round(7 / 12, 4), round(8 / 12, 4)]
+    assert list(table["test_balanced_accuracy_mean"]) == [round(((3 / 8 + 1 + 1) / 3 + (4 / 8 + 2 / 3 + 1) / 3) / 2, 4),
+                                                          round(1 / 3, 4)]
+    # a loss is minimised: the lower mean wins
+    by_loss = Comparison.of(list(_rows("loss")), maximize=False)
+    assert by_loss.winner == "majority" and by_loss.rows[0].test == pytest.approx([0.6, 0.7])
+
+
+def test_a_failed_seed_scores_0_and_a_uniform_guess_loss_without_a_confusion_matrix():
+    r = StrategyResult("naive", 1, 0.9, 1.0, metric="loss")
+    r.add_seed(None, 4)
+    assert r.test == [math.log(4)] and r.confusions == [None]
+    assert {k: v for k, v in r.scores.items() if k != "loss"} == dict.fromkeys(
+        ("accuracy", "balanced_accuracy", "macro_f1"), [0.0])
+
+
+def test_confusion_matrices_are_a_csv_and_a_picture_per_strategy_and_seed(tmp_path):
+    a, b = _rows("macro_f1")
+    b.add_seed(None, 3)                              # a failed third seed: no matrix
+    written = write_confusions(Comparison.of([a, b]), tmp_path / "confusion")
+    names = sorted(p.name for p in written)
+    assert names == sorted(f"{s}-seed{k}.{ext}" for s in ("majority", "spread") for k in (0, 1) for ext in ("csv", "png"))
+    for k in (0, 1):
+        df = pd.read_csv(tmp_path / "confusion" / f"spread-seed{k}.csv", index_col=0)
+        assert df.index.name == "true" and list(df.index) == list(df.columns) == ["x", "y", "z"]
+        assert df.values.tolist() == SPREAD[k]
+        assert (tmp_path / "confusion" / f"spread-seed{k}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 def _run(args):
@@ -291,3 +359,86 @@ def test_compare_scores_the_kept_model_under_shift_and_logs_the_winner(shrunk, t
     assert not (tmp_path / "mlruns").exists() and not (REPO / "mlruns").exists()   # nothing under Default
     art = client.get_experiment(exp.experiment_id).artifact_location
     assert runs[0].data.tags["model_uri"].startswith("models:/") and art.startswith("file://" + str(ws.resolve()))
+
+
+# --- end to end: an imbalanced folder judged on balanced accuracy --------------------------------
+
+IMBALANCED = {"train": (10, 5, 3), "val": (6, 2, 2), "test": (9, 3, 1)}   # images of classes a, b, c
+CLASSES = ["a_major", "b_minor", "c_rare"]
+
+
+def _imbalanced_folder(root):
+    """train/ val/ test/ folders of 16 px images, a tint per class plus noise, the counts of
+    IMBALANCED: the test split's confusion rows must sum to 9, 3 and 1."""
+    g = torch.Generator().manual_seed(0)
+    for split, counts in IMBALANCED.items():
+        for c, (name, n) in enumerate(zip(CLASSES, counts)):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                img = torch.randint(0, 120, (16, 16, 3), generator=g, dtype=torch.uint8)
+                img[..., c] += 120
+                Image.fromarray(img.numpy()).save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.slow   # 2 strategies x 2 trials, then compare over 2 seeds: 25 s on the shared 2 cores
+def test_a_study_on_balanced_accuracy_sweeps_ranks_and_counts_confusions_by_it(tmp_path, tmp_path_factory):
+    from conftest import tiny_recipe_dict
+    from harness.engine.metrics import scores
+    from harness.sweep.study import load_study
+    from test_sweep import Sweep, fresh_tracking_uri, write_study
+
+    recipe = tiny_recipe_dict()
+    del recipe["stages"]
+    recipe["data"] = {"dataset": "imagefolder", "root": str(_imbalanced_folder(tmp_path / "data")),
+                      "image_size": 16, "batch_size": 4, "augment": False}
+    path = write_study(tmp_path / "study.yaml", {
+        "name": "imbalanced", "recipe": recipe, "budget": {"epochs": 2}, "metric": "val/balanced_accuracy",
+        "trials": 2, "sampler": "random", "pruner": "median",
+        "strategies": {"naive": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}, "head_only": None},
+        "compare": {"seeds": 2}})
+    sw = Sweep(path, load_study(path), tmp_path / "ws", f"sqlite:///{tmp_path / 'optuna.db'}",
+               fresh_tracking_uri(tmp_path_factory, tmp_path), "")
+    invoke(["sweep", path, *sw.opts()])
+    client = client_for(sw.tracking)
+    runs = {r.info.run_id: r for r in sw.runs()}
+    for strategy in ("naive", "head_only"):   # every value the sweep and its pruner saw: the run's balanced accuracy
+        for t in sw.ostudy(strategy).get_trials():
+            hist = sorted(client.get_metric_history(t.user_attrs["mlflow_run_id"], "val/balanced_accuracy"),
+                          key=lambda m: m.step)
+            assert t.intermediate_values == {m.step: m.value for m in hist} and t.value == hist[-1].value
+            assert (t.user_attrs["val_images"], t.user_attrs["val_class_counts"]) == (10, [6, 2, 2])
+            assert runs[t.user_attrs["mlflow_run_id"]].data.metrics["val/accuracy"] is not None
+    status = invoke(["status", path, *sw.opts()]).output
+    assert "metric val/balanced_accuracy" in status.splitlines()[0]
+    assert ("noise: 2 binomial standard errors of val/balanced_accuracy on an effective 7.7 val images "
+            "(C^2 / sum of 1/n_class)") in status   # 9 / (1/6 + 1/2 + 1/2)
+
+    out = invoke(["compare", path, *sw.opts()]).output
+    reports = sw.workspace / "reports" / "imbalanced"
+    df = pd.read_csv(reports / "compare.csv")
+    assert list(df.columns[:5]) == ["strategy", "trials", "best_val_balanced_accuracy",
+                                    "test_balanced_accuracy_mean", "test_balanced_accuracy_std"]
+    assert {"test_accuracy_mean", "test_macro_f1_mean"} <= set(df.columns)
+    assert list(df["test_balanced_accuracy_mean"]) == sorted(df["test_balanced_accuracy_mean"], reverse=True)
+    (run,) = [r for r in sw.runs() if r.info.run_name == "compare"]
+    assert "on test balanced_accuracy" in run.data.tags["verdict"] and run.data.tags["metric"] == "val/balanced_accuracy"
+    assert "Ranked and tested on test balanced_accuracy" in (reports / "compare.md").read_text()
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "confusion")}
+    for row in df.itertuples(index=False):
+        assert row.best_val_balanced_accuracy == round(sw.ostudy(row.strategy).best_trial.value, 4)
+        per_seed = {name: [m.value for m in sorted(client.get_metric_history(run.info.run_id, f"test_{name}/{row.strategy}"),
+                                                   key=lambda m: m.step)]
+                    for name in ("accuracy", "balanced_accuracy", "macro_f1")}
+        for k in (0, 1):
+            cm = pd.read_csv(reports / "confusion" / f"{row.strategy}-seed{k}.csv", index_col=0)
+            assert list(cm.index) == list(cm.columns) == CLASSES
+            assert cm.values.sum(1).tolist() == list(IMBALANCED["test"])    # every test image, once, in its row
+            assert {name: v[k] for name, v in per_seed.items()} == pytest.approx(scores(cm.values.tolist()), abs=1e-12)
+            assert {f"confusion/{row.strategy}-seed{k}.csv", f"confusion/{row.strategy}-seed{k}.png"} <= logged
+        assert row.test_balanced_accuracy_mean == pytest.approx(sum(per_seed["balanced_accuracy"]) / 2, abs=5.1e-5)
+        assert row.test_macro_f1_mean == pytest.approx(sum(per_seed["macro_f1"]) / 2, abs=5.1e-5)
+    assert "balanced" in out and "macro F1" in out
+    export = invoke(["export", path, *sw.opts()]).output
+    written = export.split()[1].rstrip(":")
+    assert " val/balanced_accuracy = " in open(written).readline()

@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 from harness.sweep.optuna_studies import make_pruner
-from harness.sweep.pruning import (LAYOUT_ATTR, N_ATTR, LayoutPruner, Record, annealed_prefix, binomial_margin,
-                                   judged_prefix, recipe_layout, records_of, replay, spearman)
+from harness.sweep.pruning import (CLASS_COUNTS_ATTR, LAYOUT_ATTR, N_ATTR, LayoutPruner, Record, annealed_prefix,
+                                   binomial_margin, judged_prefix, noise_images, recipe_layout, records_of, replay,
+                                   spearman)
 from harness.sweep.strategies import stages_for
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -26,7 +27,8 @@ def study(pruner=None, direction="maximize"):
     return optuna.create_study(direction=direction, pruner=pruner or LayoutPruner())
 
 
-def add(s: optuna.Study, layout, values: list[float], n: int | None = 100, final: bool = True) -> list[bool]:
+def add(s: optuna.Study, layout, values: list[float], n: int | None = 100, final: bool = True,
+        class_counts: list[int] | None = None) -> list[bool]:
     """One trial reporting `values` (epochs 1, 2, ...), told COMPLETE with its last value;
     returns should_prune() after each report (the trial runs on whatever it says)."""
     t = s.ask()
@@ -34,6 +36,8 @@ def add(s: optuna.Study, layout, values: list[float], n: int | None = 100, final
         t.set_user_attr(LAYOUT_ATTR, layout)
     if n is not None:
         t.set_user_attr(N_ATTR, n)
+    if class_counts is not None:
+        t.set_user_attr(CLASS_COUNTS_ATTR, class_counts)
     said = []
     for epoch, v in enumerate(values, start=1):
         t.report(v, epoch)
@@ -93,6 +97,22 @@ def test_never_before_an_annealed_point_nor_at_the_last_epoch():
     # far below its peers at every epoch: judged only at epoch 3, the end of the frozen stage
     assert add(s, F3, [0.1, 0.1, 0.8, 0.1, 0.1]) == [False] * 5
     assert add(s, F3, [0.1, 0.1, 0.1, 0.1, 0.1], final=False) == [False, False, True, False, False]
+
+
+def test_the_noise_of_a_class_averaged_metric_is_taken_over_the_effective_image_count():
+    """90 + 10 val images: balanced accuracy's standard error is that of 4 / (1/90 + 1/10) = 36
+    images. A trial 0.10 below its peers' 0.80 is beyond 2 standard errors of accuracy on 100
+    images (0.080) but inside those of balanced accuracy (0.133): pruned on one, not the other."""
+    assert noise_images("val/accuracy", 100, [90, 10]) == 100
+    assert noise_images("val/balanced_accuracy", 100, [90, 10]) == pytest.approx(36)
+    assert noise_images("val/macro_f1", 100, [50, 50]) == pytest.approx(100)   # balanced: n itself
+    assert noise_images("val/balanced_accuracy", 100) == 100                   # counts not recorded
+    assert noise_images("val/loss", 100, [90, 10]) is None and noise_images("val/accuracy", None) is None
+    for metric, pruned in (("val/accuracy", True), ("val/balanced_accuracy", False)):
+        s = study(make_pruner("layout", 5, metric))
+        for _ in range(3):
+            add(s, F1, [0.8] * 5, class_counts=[90, 10])
+        assert add(s, F1, [0.7] * 5, final=False, class_counts=[90, 10])[0] is pruned, metric
 
 
 def test_a_single_stage_trial_is_never_pruned():

@@ -10,6 +10,7 @@ import optuna
 import pandas as pd
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from scipy import stats
 
@@ -20,7 +21,7 @@ from harness.results import status_rows
 from harness.workspace import Stores
 from harness.sweep.study import load_study
 from test_sweep import (BASE_STUDY, PNG_MAGIC, THREADS, base_recipe, base_sweep,
-                        client_for, invoke, write_study)
+                        client_for, fresh_tracking_uri, invoke, write_study)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -77,14 +78,16 @@ def test_status_of_a_strategy_never_swept(swept, tmp_path):
     assert status_line(out, "naive")[1] == "2"
 
 
-def constructed_storage(tmp_path, trials: dict[str, list]) -> tuple:
-    """A study file 'edge' and an Optuna storage holding hand-made trials per strategy."""
-    d = {**BASE_STUDY, "name": "edge", "recipe": base_recipe()}
+def constructed_storage(tmp_path, trials: dict[str, list], **changes) -> tuple:
+    """A study file 'edge' (BASE_STUDY with `changes`) and an Optuna storage holding
+    hand-made trials per strategy, swept (says the store) on the study's metric."""
+    d = {**BASE_STUDY, "name": "edge", "recipe": base_recipe(), **changes}
     path = write_study(tmp_path / "study.yaml", d)
     study = load_study(path)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     for strategy, made in trials.items():
-        ostudy = optuna.create_study(study_name=f"edge/{strategy}", storage=storage, direction="maximize")
+        ostudy = optuna.create_study(study_name=f"edge/{strategy}", storage=storage, direction=study.direction)
+        ostudy.set_user_attr("metric", study.config.metric)
         for t in made:
             ostudy.add_trial(t)
     return path, study, storage
@@ -131,6 +134,84 @@ def test_status_counts_failed_trials(tmp_path):
     assert res.exit_code == 0, repr(res.exception)
     # complete, pruned, failed (a result), lost (crashed or interrupted: run again), running
     assert res.output.splitlines()[2].split()[:7] == ["naive", "1", "0", "1", "1", "0", "0.8000"]
+
+
+# --- status: rankings inside the val set's noise ----------------------------------------------
+
+def two_phase_trial(value, lr_high, **attrs):
+    dist = {"lr_high": optuna.distributions.FloatDistribution(2e-3, 2e-2, log=True)}
+    return optuna.trial.create_trial(value=value, params={"lr_high": lr_high}, distributions=dist, user_attrs=attrs)
+
+
+def noise_part(output: str) -> list[str]:
+    lines = output.splitlines()
+    return lines[next(i for i, ln in enumerate(lines) if ln.startswith("noise:")):]
+
+
+def test_status_says_which_best_trials_are_within_the_val_sets_noise(tmp_path):
+    """80 val images, best 0.95: one binomial standard error is sqrt(.95 * .05 / 80) = 0.0244,
+    2 of them 3.9 images. naive's 3 best lie 2 images apart (inside), its 4th 12 images
+    below; two_phase's best leads its next by 10 images (outside); the strategies' bests
+    tie."""
+    n = {"val_images": 80}
+    path, study, storage = constructed_storage(tmp_path, {
+        "naive": [naive_trial(v, 1e-3, 0.4, **n) for v in (0.9375, 0.80, 0.95, 0.925)],
+        "two_phase": [two_phase_trial(0.95, 3e-3, **n), two_phase_trial(0.825, 4e-3, **n)]})
+    res = CliRunner().invoke(main, ["status", str(path), "--workspace", str(tmp_path), "--storage", storage])
+    assert res.exit_code == 0, res.output
+    assert noise_part(res.output) == [
+        "noise: 2 binomial standard errors of val/accuracy on 80 val images",
+        "  [naive] best trials: 3 within noise (0.9500, 0.9375, 0.9250), 2 images apart, 2 SE = 3.9 images: "
+        "their order is not evidence",
+        "  [two_phase] best trials: 0.9500 leads the next (0.8250) by 10 images, beyond 2 SE = 3.9 images",
+        "  [strategies] bests: 2 within noise (naive 0.9500, two_phase 0.9500), 0 images apart, 2 SE = 3.9 images: "
+        "their order is not evidence"]
+    # the margin is the layout pruner's: z standard errors at the best value
+    from harness.sweep.pruning import binomial_margin
+    assert binomial_margin(0.95, 80, 2.0) * 80 == pytest.approx(2 * math.sqrt(0.95 * 0.05 / 80) * 80)
+    assert round(binomial_margin(0.95, 80, 2.0) * 80, 1) == 3.9
+    # with 4x the images the same values are beyond the noise: 8 images apart, 2 SE = 7.8
+    n4 = {"val_images": 320}
+    (tmp_path / "big").mkdir()
+    path, study, storage = constructed_storage(tmp_path / "big", {
+        "naive": [naive_trial(v, 1e-3, 0.4, **n4) for v in (0.95, 0.925)]})
+    out = invoke(["status", path, "--workspace", tmp_path, "--storage", storage]).output
+    assert noise_part(out)[1] == "  [naive] best trials: 0.9500 leads the next (0.9250) by 8 images, beyond 2 SE = 7.8 images"
+
+
+def test_status_noise_of_balanced_accuracy_counts_the_small_classes(tmp_path):
+    """60 + 20 val images: balanced accuracy's standard error is that of C^2 / sum(1/n_c) = 4 /
+    (1/60 + 1/20) = 60 images, not 80, the images of the 20-image class weighing 3x."""
+    attrs = {"val_images": 80, "val_class_counts": [60, 20]}
+    path, study, storage = constructed_storage(tmp_path, {
+        "naive": [naive_trial(v, 1e-3, 0.4, **attrs) for v in (0.9, 0.85, 0.7)]}, metric="val/balanced_accuracy")
+    out = noise_part(invoke(["status", path, "--workspace", tmp_path, "--storage", storage]).output)
+    margin = 2 * math.sqrt(0.9 * 0.1 / 60)      # 0.0775: 0.85 is within it, 0.7 is not
+    assert out == ["noise: 2 binomial standard errors of val/balanced_accuracy on an effective 60.0 val images "
+                   "(C^2 / sum of 1/n_class)",
+                   f"  [naive] best trials: 2 within noise (0.9000, 0.8500), about 3.0 images apart, "
+                   f"2 SE = {margin * 60:.1f} images: their order is not evidence"]
+
+
+def test_status_of_a_loss_says_it_judges_no_noise_and_a_study_swept_on_another_metric_is_refused(
+        tmp_path, tmp_path_factory):
+    path, study, storage = constructed_storage(tmp_path, {
+        "naive": [naive_trial(v, 1e-3, 0.4, val_images=80) for v in (0.3, 0.31)]}, metric="val/loss")
+    out = invoke(["status", path, "--workspace", tmp_path, "--storage", storage]).output
+    assert status_line(out, "naive")[:7] == ["naive", "2", "0", "0", "0", "0", "0.3000"]   # minimised
+    assert noise_part(out) == ["noise: val/loss has no binomial standard error; how far apart the trials are "
+                               "is not judged"]
+    # the same store read (or swept) by a study file that now says val/macro_f1: one line, exit 2
+    spec = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**spec, "metric": "val/macro_f1"}))
+    tracking = fresh_tracking_uri(tmp_path_factory, tmp_path)
+    for cmd in ("status", "export", "compare", "sweep"):   # a sweep would add macro F1s to a study of losses
+        res = CliRunner().invoke(main, [cmd, str(path), "--workspace", str(tmp_path), "--storage", storage,
+                                        "--tracking-uri", tracking])
+        assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+        assert res.output.strip().endswith("metric: val/macro_f1, but the stored study edge/naive was swept on "
+                                           "val/loss; give the study a new name or set metric back to val/loss")
+    assert [t.value for t in optuna.load_study(study_name="edge/naive", storage=storage).get_trials()] == [0.3, 0.31]
 
 
 # --- compare on the base sweep ------------------------------------------------------------------

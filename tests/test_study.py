@@ -260,9 +260,16 @@ def test_defaults_of_the_optional_fields(tmp_path, study_dict):
     assert (cfg.metric, cfg.trials, cfg.sampler, cfg.pruner, cfg.compare.seeds) == (
         "val/accuracy", 8, "tpe", "none", 3)
     assert study.direction == "maximize"
-    d["metric"] = "val/loss"     # a study maximises val/accuracy; nothing else is offered
-    with pytest.raises(HarnessError, match="metric"):
+    for metric, direction in (("val/balanced_accuracy", "maximize"), ("val/macro_f1", "maximize"),
+                              ("val/loss", "minimize")):
+        assert load_study(write_study(tmp_path / "study.yaml", {**d, "metric": metric})).direction == direction
+    d["metric"] = "val/f1"
+    with pytest.raises(HarnessError, match=r"metric: Input should be 'val/accuracy', 'val/balanced_accuracy', "
+                                           r"'val/macro_f1' or 'val/loss' \(got 'val/f1'\)"):
         load_study(write_study(tmp_path / "study.yaml", d))
+    # the layout pruner's margin is a proportion's noise: a loss has none
+    with pytest.raises(HarnessError, match="pruner: layout judges beyond a proportion's binomial noise"):
+        load_study(write_study(tmp_path / "study.yaml", {**d, "metric": "val/loss", "pruner": "layout"}))
 
 
 def test_a_strategy_without_a_space_keeps_its_defaults(tmp_path, study_dict):

@@ -454,7 +454,7 @@ def fake_fine_tune(values_per_trial: list[float], calls: list):
     recipe's epochs for the n-th call, as the real one does, and logs val/accuracy."""
     from harness.engine.run_types import EpochStats, Result
 
-    def fake(recipe, tracker, workspace="workspace", *, report=None, progress=False, plan=None):
+    def fake(recipe, tracker, workspace="workspace", *, report=None, progress=False, plan=None, metric="val/accuracy"):
         n = len(calls)
         calls.append({"lr": recipe.stages[0].peak_lrs(3)[-1]})   # naive's one hyperparameter
         value = values_per_trial[n]

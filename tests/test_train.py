@@ -388,6 +388,32 @@ class Prune(Exception):
     pass
 
 
+def test_every_epoch_logs_the_val_scores_and_reports_the_studys_metric(workspace):
+    """val/loss, accuracy, balanced accuracy and macro F1 every epoch; `report` gets the one
+    named by `metric`; the test split's three scores and confusion matrix at the end; the
+    last epoch's scores are the final model's on the val split."""
+    from harness.engine.data import load_dataset
+    from harness.engine.train import evaluate_split
+    recipe = Recipe.from_dict(tiny_recipe_dict(data={"test_per_class": 20}))   # scoring 2,000 test images: most of the time
+    tracker, reports = RecordingTracker(), []
+    result = fine_tune(recipe, tracker, report=lambda e, v: reports.append(v), workspace=workspace,
+                       metric="val/macro_f1")
+    assert reports == [e.val_macro_f1 for e in result.epochs] and len(reports) == 3
+    assert [result.val_metric(m) for m in ("val/accuracy", "val/balanced_accuracy", "val/loss")] == \
+        [result.epochs[-1].val_accuracy, result.epochs[-1].val_balanced_accuracy, result.epochs[-1].val_loss]
+    per_epoch = [values for _, values in tracker.epochs if "val/loss" in values]
+    assert [set(v) for v in per_epoch] == [{"train/loss_epoch", "val/loss", "val/accuracy",
+                                            "val/balanced_accuracy", "val/macro_f1"}] * 3
+    assert [v["val/macro_f1"] for v in per_epoch] == reports
+    ds = load_dataset(recipe.data, workspace, recipe.seed)
+    final = evaluate_split(result.model, ds.val, 2 * recipe.data.batch_size, torch.device("cpu"))
+    assert {f"val/{k}": v for k, v in final.metrics().items()} == {k: per_epoch[-1][k] for k in (
+        "val/accuracy", "val/balanced_accuracy", "val/macro_f1")}
+    test = result.test_score
+    assert test.confusion.sum(1).tolist() == ds.test.y.bincount().tolist() and test.accuracy == result.test_accuracy
+    assert tracker.epochs[-1][1] == {f"test/{k}": v for k, v in test.metrics().items()}
+
+
 def test_exception_from_report_propagates_and_stops_training(workspace, monkeypatch):
     made = []
     real = train_mod.make_optimizer

@@ -31,7 +31,7 @@ from harness.engine import data as data_mod
 from harness.engine.data.host_rows import HostRows
 from harness.engine.files import torch_save_atomic
 from harness.engine.recipe import Recipe, Stage
-from harness.engine.step import Hyper, autocast, model_format, score, train_step
+from harness.engine.step import Hyper, Score, autocast, model_format, score, train_step
 from harness.errors import HarnessError
 
 ENV = "HARNESS_FEATURE_CACHE"
@@ -235,16 +235,20 @@ class Probe:
 
     def evaluate(self, name: str, split: data_mod.Split, batch_size: int) -> tuple[float | None, float | None]:
         """train.evaluate on the cached features: the same batches, loss and accuracy."""
+        s = self.score(name, split, batch_size)
+        return (None, None) if s is None else (s.loss, s.accuracy)
+
+    def score(self, name: str, split: data_mod.Split, batch_size: int) -> Score | None:
+        """train.evaluate_split on the cached features: the same batches, the same Score."""
         if len(split.y) == 0:
-            return None, None
+            return None
         # fetched outside inference mode: features computed here are ordinary tensors
         return self._evaluate(self.features(name, split, batch_size), split.y, batch_size)
 
-    def _evaluate(self, feats: torch.Tensor, labels: torch.Tensor, batch_size: int) -> tuple[float, float]:
+    def _evaluate(self, feats: torch.Tensor, labels: torch.Tensor, batch_size: int) -> Score:
         batches = ((feature_format(feats[i:i + batch_size], self.device), labels[i:i + batch_size])
                    for i in range(0, len(labels), batch_size))
-        s = score(self.model, batches, self.device, forward=self.model.head_forward)
-        return s.loss, s.accuracy
+        return score(self.model, batches, self.device, forward=self.model.head_forward)
 
 
 def head_step(model: nn.Module, opt: torch.optim.Optimizer, f: torch.Tensor, y: torch.Tensor,

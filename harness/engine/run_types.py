@@ -13,6 +13,7 @@ import torch
 from harness.engine.data import Dataset, Split
 from harness.engine.groups import LayerGroups
 from harness.engine.input_stats import InputStats
+from harness.engine.step import Score
 
 
 @dataclass
@@ -23,6 +24,12 @@ class EpochStats:
     val_loss: float | None
     val_accuracy: float | None
     seconds: float
+    val_balanced_accuracy: float | None = None
+    val_macro_f1: float | None = None
+
+    def value(self, metric: str) -> float | None:
+        """The epoch's value of a study metric ("val/accuracy", "val/loss", ...)."""
+        return getattr(self, metric.replace("/", "_"))
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class Result:
     outcome: Outcome = Outcome()
     epochs: list[EpochStats] = field(default_factory=list)
     test_accuracy: float | None = None
+    test_score: Score | None = None                          # loss, accuracy and confusion matrix
     lrs: list[list[float]] = field(default_factory=list)     # [step][group], as the optimizer held them
     moms: list[float] = field(default_factory=list)          # [step]
     stage_starts: list[int] = field(default_factory=list)    # global step where each stage began
@@ -87,6 +95,10 @@ class Result:
     def val_accuracy(self) -> float | None:
         """Val accuracy after the last epoch (the model that is kept)."""
         return self.epochs[-1].val_accuracy if self.epochs else None
+
+    def val_metric(self, metric: str) -> float | None:
+        """A study metric ("val/macro_f1", ...) after the last epoch."""
+        return self.epochs[-1].value(metric) if self.epochs else None
 
 
 @dataclass

@@ -14,6 +14,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from harness.engine.metrics import confusion, scores
+
 
 @dataclass(frozen=True)
 class Hyper:
@@ -66,12 +68,18 @@ class Score:
     loss: float        # mean cross-entropy
     accuracy: float    # argmax accuracy
     n: int             # examples scored
+    confusion: torch.Tensor | None = None   # [true, predicted] counts, on the CPU
+
+    def metrics(self) -> dict[str, float]:
+        """accuracy, balanced_accuracy and macro_f1 (harness/engine/metrics.py)."""
+        return scores(self.confusion)
 
 
 def score(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
           forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Score | None:
     """The model on (inputs, labels) batches in eval mode without gradients: summed
-    cross-entropy and argmax hits, kept on the device and read once; None without a batch.
+    cross-entropy and the confusion matrix of the argmax, kept on the device and read once;
+    None without a batch.
     `forward` replaces the model's forward on images (a probe: the head on features). The
     model is left in the mode it was found in (train or eval), even when a batch fails."""
     was_training = model.training
@@ -79,14 +87,18 @@ def score(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
     try:
         with torch.no_grad():
             loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device, dtype=torch.long)
+            cm = None
             n = 0
             for x, y in batches:
                 with autocast(device):
                     out = forward(x) if forward is not None else model(model_format(x, device))
                 loss_sum += nn.functional.cross_entropy(out.float(), y, reduction="sum")
-                correct += (out.argmax(1) == y).sum()
+                counts = confusion(y, out.argmax(1), out.shape[1])
+                cm = counts if cm is None else cm + counts
                 n += len(y)
     finally:
         model.train(was_training)
-    return Score(loss_sum.item() / n, correct.item() / n, n) if n else None
+    if not n:
+        return None
+    cm = cm.cpu()
+    return Score(loss_sum.item() / n, int(cm.trace()) / n, n, cm)

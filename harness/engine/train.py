@@ -27,7 +27,7 @@ from harness.engine.recipe import Recipe, Stage
 from harness.engine.run_types import EpochStats, Outcome, Prepared, Result
 from harness.engine.schedule import one_cycle_table
 from harness.engine.stages import StagePlan, capture, check_prefix, restore
-from harness.engine.step import Hyper, score, train_step
+from harness.engine.step import Hyper, Score, score, train_step
 
 
 class Tracker(Protocol):
@@ -88,8 +88,13 @@ def lr_spread(opt: torch.optim.Optimizer, n_groups: int) -> list[tuple[float, fl
 def evaluate(model: nn.Module, split: data_mod.Split, batch_size: int, device: torch.device):
     """(mean loss, accuracy) on a split, read from the device once; (None, None) if empty.
     Inputs are normalised with the model's own `input_stats`; the model keeps its mode."""
-    s = score(model, data_mod.eval_batches(split, batch_size, getattr(model, "input_stats", None)), device)
+    s = evaluate_split(model, split, batch_size, device)
     return (None, None) if s is None else (s.loss, s.accuracy)
+
+
+def evaluate_split(model: nn.Module, split: data_mod.Split, batch_size: int, device: torch.device) -> Score | None:
+    """evaluate's Score, with the confusion matrix; None if the split is empty."""
+    return score(model, data_mod.eval_batches(split, batch_size, getattr(model, "input_stats", None)), device)
 
 
 def prepare(recipe: Recipe, workspace: str | Path = "workspace", device: str | None = None,
@@ -147,9 +152,11 @@ def layer_groups(recipe: Recipe, workspace: str | Path = "workspace") -> LayerGr
 
 def fine_tune(recipe: Recipe, tracker: Tracker | None = None, workspace: str | Path = "workspace", *,
               report: Callable[[int, float | None], None] | None = None, progress: bool = False,
-              plan: StagePlan | None = None, memory: data_mod.MemoryPlan | None = None) -> Result:
-    """Run the recipe's stages; log to `tracker`; call `report(epoch, val_accuracy)` after
-    every epoch (a pruner may raise from it). Returns the Result with the trained model.
+              plan: StagePlan | None = None, memory: data_mod.MemoryPlan | None = None,
+              metric: str = "val/accuracy") -> Result:
+    """Run the recipe's stages; log to `tracker`; call `report(epoch, value)` after every
+    epoch with the value of `metric` (a study's: "val/accuracy", "val/macro_f1", ...; a
+    pruner may raise from it). Returns the Result with the trained model.
     `plan` continues from a stage checkpoint, stops after a stage, keeps every stage's
     checkpoint (harness/engine/stages.py), or leaves the test split alone (`test=False`:
     sweeps never look at it while tuning); a stopped run looks at no test split. `memory`:
@@ -160,7 +167,7 @@ def fine_tune(recipe: Recipe, tracker: Tracker | None = None, workspace: str | P
                     class_names=list(run.dataset.class_names), model=run.model, input_stats=run.model.input_stats)
     theta_0 = start_weights(recipe, run.model)   # before a checkpoint is restored: the model as built
     first, stop, step, epoch = _stage_range(recipe, plan, run, result)
-    loop = _Loop(recipe, run, result, tracker or NullTracker(), report, (step, epoch), theta_0)
+    loop = _Loop(recipe, run, result, tracker or NullTracker(), report, (step, epoch), theta_0, metric)
     loop.bar = _progress_bar(run.n_iter * sum(s.epochs for s in recipe.stages[first:stop]), progress)
     start = time.perf_counter()
     try:
@@ -193,8 +200,9 @@ class _Loop:
 
     def __init__(self, recipe: Recipe, run: Prepared, result: Result, tracker: Tracker,
                  report: Callable[[int, float | None], None] | None, counters: tuple[int, int],
-                 start: dict[str, torch.Tensor] | None = None):
+                 start: dict[str, torch.Tensor] | None = None, metric: str = "val/accuracy"):
         self.recipe, self.run, self.result, self.tracker, self.report = recipe, run, result, tracker, report
+        self.metric = metric
         self.step, self.epoch = counters
         self.start = start                          # theta_0 of L2-SP stages
         self.spread: list[tuple[float, float]] = []  # the stage's lr_scale range per layer group
@@ -236,19 +244,21 @@ class _Loop:
         if len(bad):
             result.outcome = Outcome("diverged", step=first_step + int(bad[0]))
             return False
-        val_loss, val_acc = self.evaluate("val", self.val)
-        if val_loss is not None and not math.isfinite(val_loss):
+        val = self.evaluate("val", self.val)
+        if val is not None and not math.isfinite(val.loss):
             # the weights blew up even if the last training losses were still finite
-            result.outcome = Outcome("diverged", step=self.step - 1, detail=f"validation loss is {val_loss}")
+            result.outcome = Outcome("diverged", step=self.step - 1, detail=f"validation loss is {val.loss}")
             return False
-        stats = EpochStats(self.epoch, k, float(step_losses.mean()), val_loss, val_acc, time.perf_counter() - t0)
+        val_loss, val_acc, m = (val.loss, val.accuracy, val.metrics()) if val is not None else (None, None, {})
+        stats = EpochStats(self.epoch, k, float(step_losses.mean()), val_loss, val_acc, time.perf_counter() - t0,
+                           m.get("balanced_accuracy"), m.get("macro_f1"))
         result.epochs.append(stats)
-        self.tracker.log_epoch(self.epoch, {name: v for name, v in (("train/loss_epoch", stats.train_loss),
-                                                                     ("val/loss", val_loss),
-                                                                     ("val/accuracy", val_acc)) if v is not None})
+        self.tracker.log_epoch(self.epoch, {"train/loss_epoch": stats.train_loss,
+                                            **({"val/loss": val_loss} if val is not None else {}),
+                                            **{f"val/{name}": v for name, v in m.items()}})
         self.bar.set_postfix_str(f"epoch {self.epoch} val_acc {val_acc if val_acc is None else round(val_acc, 4)}")
         if self.report is not None:
-            self.report(self.epoch, val_acc)
+            self.report(self.epoch, stats.value(self.metric))
         return True
 
     def lowest_lrs(self, hypers: list[Hyper]) -> dict[str, list[float]]:
@@ -273,17 +283,18 @@ class _Loop:
             return self.probe.train_batches(run.train, run.generator, bs)
         return data_mod.train_batches(run.train, bs, run.generator, self.recipe.data.augment, run.model.input_stats)
 
-    def evaluate(self, name: str, split: data_mod.Split) -> tuple[float | None, float | None]:
+    def evaluate(self, name: str, split: data_mod.Split) -> Score | None:
         bs = 2 * self.recipe.data.batch_size
         if self.probe is not None:   # the last stage run was a probe: its body, unchanged
-            return self.probe.evaluate(name, split, bs)
-        return evaluate(self.run.model, split, bs, self.run.device)
+            return self.probe.score(name, split, bs)
+        return evaluate_split(self.run.model, split, bs, self.run.device)
 
     def test(self) -> None:
-        _, acc = self.evaluate("test", data_mod.to_device(self.run.dataset.test, self.run.device))
-        self.result.test_accuracy = acc
-        if acc is not None:
-            self.tracker.log_epoch(self.epoch, {"test/accuracy": acc})
+        s = self.evaluate("test", data_mod.to_device(self.run.dataset.test, self.run.device))
+        self.result.test_score = s
+        self.result.test_accuracy = None if s is None else s.accuracy
+        if s is not None:
+            self.tracker.log_epoch(self.epoch, {f"test/{name}": v for name, v in s.metrics().items()})
 
 
 def epoch_hypers(stage: Stage, sqr_mom: float, n_groups: int, n_iter: int, first: int) -> list[Hyper]:

@@ -12,6 +12,7 @@ from harness.sweep import storage
 from harness.sweep.study import Study
 
 PARENT_ATTR = "mlflow_parent_run_id"   # study user attr: the strategy's MLflow parent run
+METRIC_ATTR = "metric"                 # study user attr: the metric its trials' values are (val/accuracy if absent)
 RETRIES = 3                            # a lost trial is queued again at most this many times
 
 
@@ -28,13 +29,13 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=4)
 
 
-def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+def make_pruner(name: str, epochs: int, metric: str = "val/accuracy") -> optuna.pruners.BasePruner:
     """`layout`: harness.sweep.pruning.LayoutPruner (compares only end-of-stage values of
-    trials with the same stages so far, beyond the val set's noise; see README "Pruning").
-    `median` and `hyperband` are Optuna's, comparing every epoch across all trials."""
+    trials with the same stages so far, beyond the noise of `metric` on the val set; see
+    README "Pruning"). `median` and `hyperband` are Optuna's, comparing every epoch across all trials."""
     if name == "layout":
         from harness.sweep.pruning import LayoutPruner
-        return LayoutPruner()
+        return LayoutPruner(metric=metric)
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
     if name == "hyperband":
@@ -47,13 +48,25 @@ def load_ostudy(study: Study, strategy: str, spec: str) -> optuna.Study | None:
     if not storage.exists(spec):
         return None  # nothing swept yet; looking must not create a store
     try:
-        return optuna.load_study(study_name=f"{study.name}/{strategy}", storage=storage.open_storage(spec))
+        ostudy = optuna.load_study(study_name=f"{study.name}/{strategy}", storage=storage.open_storage(spec))
     except KeyError:
         return None
     except HarnessError:
         raise
     except Exception as e:
         raise HarnessError(f"--storage: cannot open {redact(spec)} ({e.__class__.__name__})") from None
+    check_metric(study, ostudy)
+    return ostudy
+
+
+def check_metric(study: Study, ostudy: optuna.Study) -> None:
+    """Refuse a stored study swept on another metric: its values (and its direction, which
+    Optuna keeps from creation) are not this study file's metric."""
+    stored = ostudy.user_attrs.get(METRIC_ATTR, "val/accuracy")
+    if stored != study.config.metric:
+        raise HarnessError(f"{study.source}: metric: {study.config.metric}, but the stored study "
+                           f"{ostudy.study_name} was swept on {stored}; give the study a new name "
+                           f"or set metric back to {stored}")
 
 
 @dataclass

@@ -24,9 +24,11 @@ leaves it off, because measured on imagenet-transfer it pruned naive's 2nd and 3
 trials even at z 2 (bench/bench_pruning.py; README "Pruning").
 
 What the trial gives the pruner (user attrs, set by harness.sweep.trial before the first
-report): `stage_layout` [[epochs, trainable groups] per stage] and `val_images` (n). A
-trial without `stage_layout` has its layout read from its `recipe` attr; one without
-`val_images` is judged with the pruner's `default_n`, or never pruned when that is None.
+report): `stage_layout` [[epochs, trainable groups] per stage], `val_images` (n) and
+`val_class_counts`. A trial without `stage_layout` has its layout read from its `recipe`
+attr; one without `val_images` is judged with the pruner's `default_n`, or never pruned
+when that is None. For the class-averaged metrics (balanced accuracy, macro F1) n is the
+effective count of `noise_images`; val/loss has no binomial noise, and is never judged.
 """
 from __future__ import annotations
 
@@ -42,6 +44,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 LAYOUT_ATTR = "stage_layout"    # [[epochs, trainable groups], ...] of the trial's stages
 N_ATTR = "val_images"           # the images its val accuracy is measured on
+CLASS_COUNTS_ATTR = "val_class_counts"   # the val images of each class present
+PROPORTIONS = ("val/accuracy", "val/balanced_accuracy", "val/macro_f1")   # metrics with a binomial noise
+NOISE_Z = 2.0                   # the margin, in standard errors, of pruning and of `harness status`
 
 Layout = tuple[tuple[int, int], ...]
 
@@ -100,7 +105,25 @@ def judged_prefix(layout: Layout, step: int, mid_stage_from: int | None = None) 
     return None
 
 
-def binomial_margin(p: float, n: int, z: float) -> float:
+def noise_images(metric: str, n: int | None, class_counts: list[int] | None = None) -> float | None:
+    """The image count a metric's binomial standard error is taken over: n for accuracy; for
+    the class-averaged metrics C^2 / sum(1/n_c), under which balanced accuracy's standard
+    error is exact when every class has the same recall (n itself when the classes are
+    balanced; macro F1, which has no closed form, borrows it); None for val/loss or no n."""
+    if metric not in PROPORTIONS or not n:
+        return None
+    if metric == "val/accuracy" or not class_counts:
+        return float(n)
+    return len(class_counts) ** 2 / sum(1.0 / c for c in class_counts)
+
+
+def trial_noise_images(trial: FrozenTrial, metric: str, default_n: int | None = None) -> float | None:
+    """noise_images of a trial, from its user attrs (`default_n` when it has no image count)."""
+    attrs = trial.user_attrs
+    return noise_images(metric, attrs.get(N_ATTR, default_n), attrs.get(CLASS_COUNTS_ATTR))
+
+
+def binomial_margin(p: float, n: float, z: float) -> float:
     """z standard errors of an accuracy p measured on n images (p kept off 0 and 1)."""
     p = min(max(p, 1.0 / n), 1.0 - 1.0 / n) if n > 1 else 0.5
     return z * math.sqrt(p * (1.0 - p) / n)
@@ -113,10 +136,11 @@ class LayoutPruner(optuna.pruners.BasePruner):
     median, as MedianPruner); `z`: the margin in binomial standard errors; `default_n`:
     the val images when a trial does not say (None: such a trial is never pruned);
     `mid_stage_from`: also judge mid-stage values from this epoch on, among trials with the
-    same stages up to and including the current one (None: annealed points only)."""
+    same stages up to and including the current one (None: annealed points only); `metric`:
+    the study's, whose noise sets the margin (`noise_images`)."""
 
-    def __init__(self, min_peers: int = 3, quantile: float = 0.5, z: float = 2.0, default_n: int | None = None,
-                 mid_stage_from: int | None = None):
+    def __init__(self, min_peers: int = 3, quantile: float = 0.5, z: float = NOISE_Z, default_n: int | None = None,
+                 mid_stage_from: int | None = None, metric: str = "val/accuracy"):
         if min_peers < 1:
             raise ValueError("min_peers must be >= 1")
         if not 0.0 < quantile < 1.0:
@@ -124,7 +148,7 @@ class LayoutPruner(optuna.pruners.BasePruner):
         if z < 0:
             raise ValueError("z must be >= 0")
         self.min_peers, self.quantile, self.z, self.default_n = min_peers, quantile, z, default_n
-        self.mid_stage_from = mid_stage_from
+        self.mid_stage_from, self.metric = mid_stage_from, metric
         self._from_recipe: dict[str, Layout | None] = {}   # recipe YAML -> its layout (parsed once)
 
     def _layout(self, t: FrozenTrial) -> Layout | None:
@@ -146,7 +170,7 @@ class LayoutPruner(optuna.pruners.BasePruner):
             return False
         if math.isnan(value):
             return True
-        n = trial.user_attrs.get(N_ATTR, self.default_n)
+        n = trial_noise_images(trial, self.metric, self.default_n)
         if not n:
             return False
         peers = []
@@ -160,7 +184,7 @@ class LayoutPruner(optuna.pruners.BasePruner):
             return False
         maximize = study.direction == StudyDirection.MAXIMIZE
         ref = _quantile(peers, self.quantile if maximize else 1.0 - self.quantile)
-        margin = binomial_margin(ref, int(n), self.z)
+        margin = binomial_margin(ref, n, self.z)
         return value < ref - margin if maximize else value > ref + margin
 
 
@@ -245,7 +269,7 @@ def records_of(ostudy: optuna.Study) -> list[Record]:
             continue
         if t.state == TrialState.FAIL and "failure" not in t.user_attrs:
             continue   # crashed or interrupted: not a result (run again on resume)
-        attrs = {k: v for k, v in t.user_attrs.items() if k in (LAYOUT_ATTR, N_ATTR, "recipe")}
+        attrs = {k: v for k, v in t.user_attrs.items() if k in (LAYOUT_ATTR, N_ATTR, CLASS_COUNTS_ATTR, "recipe")}
         if LAYOUT_ATTR not in attrs and "recipe" in attrs:
             layout = trial_layout(t)
             if layout is not None:

@@ -17,7 +17,9 @@ from harness.engine.strict_model import StrictModel
 from harness.sweep.space import ParamSpec, Space, baseline, check_space, enforce_order, parse_param
 from harness.sweep.strategies import STRATEGIES, defaults, stages_for
 
-METRICS = {"val/accuracy": "maximize"}   # the final epoch's value; pruning reads it every epoch
+# the final epoch's value on the validation split; pruning reads it every epoch
+METRICS = {"val/accuracy": "maximize", "val/balanced_accuracy": "maximize", "val/macro_f1": "maximize",
+           "val/loss": "minimize"}
 
 
 class Budget(StrictModel):
@@ -57,7 +59,7 @@ class StudyConfig(StrictModel):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)]
     recipe: dict[str, Any] | str
     budget: Budget
-    metric: Literal["val/accuracy"] = "val/accuracy"
+    metric: Literal["val/accuracy", "val/balanced_accuracy", "val/macro_f1", "val/loss"] = "val/accuracy"
     trials: Annotated[StrictInt, Field(ge=1)] = 8
     sampler: Literal["tpe", "gp", "random"] = "tpe"
     pruner: Literal["median", "hyperband", "layout", "none"] = "none"
@@ -131,6 +133,9 @@ def load_study(path: str | Path) -> Study:
         cfg.compare.check()
     except ValueError as e:
         raise HarnessError(f"{path}: {e}") from None
+    if cfg.pruner == "layout" and cfg.metric == "val/loss":
+        raise HarnessError(f"{path}: pruner: layout judges beyond a proportion's binomial noise, and "
+                           f"val/loss is not a proportion (use median, hyperband or none)")
     base = _base_recipe(cfg.recipe, path)
     spaces = {}
     for strategy, raw_space in cfg.strategies.items():

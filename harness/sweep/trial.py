@@ -46,17 +46,19 @@ def objective(study: Study, strategy: str, stores: Stores, parent_id: str,
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
             tracker.log_params(params)
             result = jobs.tracked_fine_tune(recipe, tracker, stores.workspace, report=_pruning(trial, tracker, recipe, stores.workspace),
-                                            plan=StagePlan(test=False))   # tuning never looks at the test split
+                                            plan=StagePlan(test=False),   # tuning never looks at the test split
+                                            metric=study.config.metric)
         trial.set_user_attr("seconds", time.perf_counter() - started)
         if not result.ok:
             trial.set_user_attr("failure", result.status)
             return math.nan   # optuna records FAILED and the sweep goes on
-        if result.val_accuracy is None:
+        value = result.val_metric(study.config.metric)
+        if value is None:
             raise HarnessError("recipe.data.val_fraction: a sweep needs a validation split (> 0)")
-        kept = keep_if_best(trial, result.val_accuracy, result, recipe, stores.kept_models(study.name, strategy))
+        kept = keep_if_best(trial, value, result, recipe, stores.kept_models(study.name, strategy))
         if kept is not None:   # where every node reads it, on an MLflow server
             share(tracking, tracker.run_id, kept)
-        return result.val_accuracy
+        return value
 
     return objective
 
@@ -65,22 +67,23 @@ def _pruning(trial: optuna.Trial, tracker: MlflowTracker, recipe=None,
              workspace: str | Path | None = None) -> Callable[[int, float | None], None]:
     """fine_tune's per-epoch report: the value to Optuna; a pruned trial ends its run KILLED.
     With `recipe`, the trial first records what the layout pruner reads (harness/sweep/
-    pruning.py): its stage layout now, the number of val images at its first report."""
-    from harness.sweep.pruning import LAYOUT_ATTR, N_ATTR, recipe_layout
+    pruning.py): its stage layout now, the number of val images (and per class) at its first report."""
+    from harness.sweep.pruning import CLASS_COUNTS_ATTR, LAYOUT_ATTR, N_ATTR, recipe_layout
     counted = recipe is None
     if recipe is not None:
         trial.set_user_attr(LAYOUT_ATTR, [list(s) for s in recipe_layout(recipe)])
 
-    def report(epoch: int, val_accuracy: float | None) -> None:
+    def report(epoch: int, value: float | None) -> None:
         nonlocal counted
-        if val_accuracy is None:
+        if value is None:
             return
         if not counted:   # the data is in memory by now: fine_tune has loaded it
             from harness.engine.data import load_dataset
             val = load_dataset(recipe.data, Path(workspace or "workspace"), recipe.seed).val
             trial.set_user_attr(N_ATTR, len(val.y))
+            trial.set_user_attr(CLASS_COUNTS_ATTR, [int(c) for c in val.y.bincount() if c])
             counted = True
-        trial.report(val_accuracy, epoch)
+        trial.report(value, epoch)
         if trial.should_prune():
             tracker.end_as("KILLED", f"pruned at epoch {epoch}")
             tracker.set_tags({"harness.pruned": "true"})

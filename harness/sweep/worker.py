@@ -34,7 +34,8 @@ from optuna.trial import TrialState
 
 from harness import interrupts
 from harness.sweep import storage as st
-from harness.sweep.optuna_studies import PARENT_ATTR, RETRIES, count_trials, make_pruner, make_sampler, requeue
+from harness.sweep.optuna_studies import (METRIC_ATTR, PARENT_ATTR, RETRIES, check_metric, count_trials, make_pruner,
+                                          make_sampler, requeue)
 from harness.sweep.study import Selection, Study
 from harness.sweep.trial import Progress, objective, summarize_parent
 from harness.tracking import Tracking
@@ -137,13 +138,16 @@ class Worker:
                 name = f"{self.study.name}/{s}"
                 try:
                     existing = optuna.load_study(study_name=name, storage=self.storage)
+                    check_metric(self.study, existing)
                     n = len(existing.get_trials(deepcopy=False))
                 except KeyError:
                     n = 0
                 ostudy = optuna.create_study(
                     study_name=name, storage=self.storage, load_if_exists=True, direction=self.study.direction,
                     sampler=make_sampler(self.study.config.sampler, self.sampler_seed(s, n)),
-                    pruner=make_pruner(self.study.config.pruner, self.study.config.budget.epochs))
+                    pruner=make_pruner(self.study.config.pruner, self.study.config.budget.epochs,
+                                       self.study.config.metric))
+                ostudy.set_user_attr(METRIC_ATTR, self.study.config.metric)
                 self.ostudies[s] = ostudy
                 self._recover(ostudy)
                 self._requeue_errored(ostudy)

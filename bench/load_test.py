@@ -48,8 +48,9 @@ sys.path.insert(0, str(ROOT / "tests"))   # services.py: PostgreSQL databases, t
 import yaml  # noqa: E402
 
 STRATEGY = "naive"
-# what a lock or database problem, or any crash, prints (case-insensitive)
-ERROR_PATTERN = re.compile(r"traceback|deadlock|could not obtain lock|database is locked|error", re.IGNORECASE)
+# what a lock or database problem, or any crash, prints (case-insensitive; "errors" alone is
+# the status line's "binomial standard errors", not a problem)
+ERROR_PATTERN = re.compile(r"traceback|deadlock|could not obtain lock|database is locked|error\b", re.IGNORECASE)
 
 
 def study_dict(name: str, trials: int) -> dict:

@@ -16,7 +16,7 @@ from harness.errors import HarnessError
 from harness.sweep.keep import keep_if_best, share
 from harness.sweep.optuna_studies import best_trial, count_trials
 from harness.sweep.space import suggest
-from harness.sweep.study import Study
+from harness.sweep.study import RECIPE_FIELDS, Study
 from harness.tracking import MlflowTracker, Tracking
 from harness.workspace import Stores
 
@@ -44,7 +44,8 @@ def objective(study: Study, strategy: str, stores: Stores, parent_id: str,
         with tracking.run(study.name, f"{strategy}-trial-{trial.number}", parent_id,
                           tags=_trial_tags(strategy, trial, worker)) as tracker:
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
-            tracker.log_params(params)
+            # a searched recipe field is logged with the recipe's params, as the recipe holds it
+            tracker.log_params({k: v for k, v in params.items() if k not in RECIPE_FIELDS})
             result = jobs.tracked_fine_tune(recipe, tracker, stores.workspace, report=_pruning(trial, tracker, recipe, stores.workspace),
                                             plan=StagePlan(test=False))   # tuning never looks at the test split
         trial.set_user_attr("seconds", time.perf_counter() - started)

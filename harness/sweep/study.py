@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, StrictInt, ValidationError
 
 from harness.errors import HarnessError
-from harness.engine.recipe import Recipe, did_you_mean, format_validation_error, read_yaml
+from harness.engine.recipe import Num, Recipe, did_you_mean, format_validation_error, read_yaml
 from harness.engine.strict_model import StrictModel
 from harness.sweep.space import ParamSpec, Space, baseline, check_space, enforce_order, parse_param
 from harness.sweep.strategies import STRATEGIES, defaults, stages_for
@@ -30,12 +30,18 @@ class Budget(StrictModel):
     epochs: Annotated[StrictInt, Field(ge=1)]
 
 
+class WiseFtConfig(StrictModel):
+    """WiSE-FT at compare time (harness/engine/wise_ft.py): the alphas of (1 - alpha) theta_0 + alpha theta_ft."""
+    alphas: Annotated[list[Num], Field(min_length=1)] = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
 class CompareConfig(StrictModel):
     seeds: Annotated[StrictInt, Field(ge=1)] = 3            # seeds per strategy; with --seeds auto, the first look
     max_seeds: Annotated[StrictInt, Field(ge=2)] | None = None   # --seeds auto adds seeds up to this many
     shift_root: str | None = None                           # a second test folder: one subfolder per class
     corruptions: dict[str, list[StrictInt]] = {}           # ImageNet-C style: name -> severities (1..5)
     shift_per_class: Annotated[StrictInt, Field(ge=1)] | None = None   # corrupt only the first N test images per class
+    wise_ft: WiseFtConfig | None = None                     # weight-space ensembles with the start model
 
     def check(self) -> None:
         """One ValueError line, named from `compare.` on, for a value the schema cannot say."""
@@ -50,6 +56,14 @@ class CompareConfig(StrictModel):
             if bad or not severities or len(set(severities)) != len(severities):
                 raise ValueError(f"compare.corruptions.{name}: severities must be distinct numbers 1..5, "
                                  f"got {severities}")
+        if self.wise_ft is not None:
+            alphas = self.wise_ft.alphas
+            if any(not 0 <= a <= 1 for a in alphas):
+                raise ValueError(f"compare.wise_ft.alphas: every alpha must lie in [0, 1] (0: the start "
+                                 f"model, 1: the fine-tuned one), got {alphas}")
+            ordered = sorted(alphas)
+            if any(b - a < 0.001 for a, b in zip(ordered, ordered[1:])):
+                raise ValueError(f"compare.wise_ft.alphas: alphas must differ by at least 0.001, got {alphas}")
 
     def shift_folder(self, study_path: Path) -> Path | None:
         """shift_root as given, or (when it is not there) beside the study file, like `recipe`."""

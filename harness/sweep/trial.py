@@ -12,6 +12,7 @@ import optuna
 
 from harness import jobs
 from harness.engine.stages import StagePlan
+from harness.engine.wise_ft import HeadAfter, head_stage
 from harness.errors import HarnessError
 from harness.sweep.keep import keep_if_best, share
 from harness.sweep.optuna_studies import best_trial, count_trials
@@ -46,15 +47,18 @@ def objective(study: Study, strategy: str, stores: Stores, parent_id: str,
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
             # a searched recipe field is logged with the recipe's params, as the recipe holds it
             tracker.log_params({k: v for k, v in params.items() if k not in RECIPE_FIELDS})
+            at = head_stage(recipe)   # WiSE-FT's start head, kept with the model
+            head = HeadAfter(at) if at is not None else None
             result = jobs.tracked_fine_tune(recipe, tracker, stores.workspace, report=_pruning(trial, tracker, recipe, stores.workspace),
-                                            plan=StagePlan(test=False))   # tuning never looks at the test split
+                                            plan=StagePlan(on_stage=head, test=False))   # tuning never looks at the test split
         trial.set_user_attr("seconds", time.perf_counter() - started)
         if not result.ok:
             trial.set_user_attr("failure", result.status)
             return math.nan   # optuna records FAILED and the sweep goes on
         if result.val_accuracy is None:
             raise HarnessError("recipe.data.val_fraction: a sweep needs a validation split (> 0)")
-        kept = keep_if_best(trial, result.val_accuracy, result, recipe, stores.kept_models(study.name, strategy))
+        kept = keep_if_best(trial, result.val_accuracy, result, recipe, stores.kept_models(study.name, strategy),
+                            head.head(result.model) if head is not None else None)
         if kept is not None:   # where every node reads it, on an MLflow server
             share(tracking, tracker.run_id, kept)
         return result.val_accuracy

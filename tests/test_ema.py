@@ -57,7 +57,8 @@ def _recipe(ema=None, probe=False, **changes) -> Recipe:
     body without augmentation, so the head stage runs on cached features."""
     d = tiny_recipe_dict(stages=[{"epochs": 1, "train": "head", "lr": {"max": 2e-3}},
                                  {"epochs": 1, "train": "all", "lr": {"min": 1e-5, "max": 1e-3}}], **changes)
-    d["data"]["test_per_class"] = 40   # the whole test split of 2 classes would be most of the time
+    # 4 steps an epoch, 80 test images (the whole test split of 2 classes would be most of the time)
+    d["data"].update(train_per_class=16, test_per_class=40)
     if probe:
         d["model"]["train_bn"], d["data"]["augment"] = False, "none"
     if ema is not None:

@@ -3,12 +3,13 @@
 theta_0 is the model the fine-tuning started from: the body as the recipe's weights give it
 (rebuilt from the recipe, so nothing is stored for it), and the head the body was first
 trained under: the head after the leading head-only stages (lp_ft's probe, two_phase's
-frozen epoch, gradual's first stage), kept by the sweep with the trial's model
-(harness/sweep/keep.py) or recorded while compare trains a seed (harness/compare.py). A strategy whose body
-trains from the first step (naive, discriminative) started from a random head, which has
-nothing to ensemble with: there the fine-tuned head is kept and only the body is
-interpolated (head_only, whose body never trains, keeps its head as well). Buffers
-(BatchNorm statistics) are interpolated like weights; integer buffers come from the nearer end.
+frozen epochs, gradual's first stage), kept by the sweep with the trial's model
+(harness/sweep/keep.py) or recorded while compare trains a seed (harness/compare.py).
+A strategy whose body trains from the first step (naive, discriminative) started from a
+random head, which has nothing to ensemble with: there the fine-tuned head is kept and only
+the body is interpolated (head_only, whose body never trains, keeps its head as well).
+Buffers (BatchNorm statistics) are interpolated like weights; integer ones come from the
+nearer end.
 
 Per seed, alpha is chosen on that run's validation split (ties: the larger alpha, the
 fine-tuned end), then the test split and every shift are scored at every alpha: the curves

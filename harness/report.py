@@ -183,7 +183,8 @@ def compare_figure(cmp) -> Figure:
     shifts = bool(cmp.rows[0].shift)
     wise = [r for r in cmp.rows if getattr(r, "wise_ft", None) is not None]
     cols = max(n, 2) if shifts else n
-    fig = Figure(figsize=(max(8 if not shifts else 11, 3.2 * cols), 7.5 + (3.5 if wise else 0)))
+    panels = len(wise[0].wise_ft.conditions) if wise else 0   # WiSE-FT's row: one panel per condition
+    fig = Figure(figsize=(max(8 if not shifts else 11, 3.2 * cols, 2.9 * panels), 7.5 + (3.5 if wise else 0)))
     grid = fig.add_gridspec(3 if wise else 2, cols, height_ratios=[1.2, 1, 1] if wise else [1.2, 1])
     split = max(1, cols // 2 + cols % 2) if shifts else cols
     ax = fig.add_subplot(grid[0, :split])
@@ -210,21 +211,24 @@ def wise_ft_panels(fig, spec, rows) -> list:
     """WiSE-FT's accuracy against alpha (mean over seeds), one panel per condition: the
     validation split that chooses alpha, the test split, each shift; one line per strategy."""
     conditions = rows[0].wise_ft.conditions
-    titles = {"val": "WiSE-FT: validation (chooses alpha)", "test": "WiSE-FT: test split"}
+    titles = {"val": "WiSE-FT: val (chooses alpha)", "test": "WiSE-FT: test split"}
+    grid = spec.subgridspec(1, len(conditions), wspace=0.35)
     axes = []
     for j, c in enumerate(conditions):
-        ax = fig.add_subplot(spec.subgridspec(1, len(conditions))[0, j])
-        for i, r in enumerate(rows):
+        ax = fig.add_subplot(grid[0, j])
+        for i, r in enumerate(rows):   # the colours of the shift panel: every row has its curves
             w = r.wise_ft
             chosen = ", ".join(f"{a:g}" for a in w.chosen)
-            ax.plot(w.alphas, w.mean_curve(c), marker="o", color=f"C{i}",
-                    label=f"{r.strategy} (chosen: {chosen})")
-        ax.set_title(titles.get(c, f"WiSE-FT: {c}"), fontsize=9)
-        ax.set_xlabel("alpha (0 start model, 1 fine-tuned)", fontsize=8)
+            ax.plot(w.alphas, w.mean_curve(c), marker="o", markersize=4, color=f"C{i}",
+                    label=f"{r.strategy} (alpha chosen: {chosen})")
+        ax.set_title(titles.get(c, c), fontsize=9)
+        ax.set_xticks(rows[0].wise_ft.alphas, [f"{a:g}" for a in rows[0].wise_ft.alphas], fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
         ax.grid(alpha=0.3)
         axes.append(ax)
-    axes[0].set_ylabel("accuracy (mean over seeds)")
-    axes[0].legend(fontsize=7)
+    axes[0].set_ylabel("mean accuracy", fontsize=8)
+    axes[0].set_xlabel("alpha: 0 start model, 1 fine-tuned", fontsize=8)
+    axes[0].legend(fontsize=6.5, loc="best")
     return axes
 
 

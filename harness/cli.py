@@ -357,7 +357,8 @@ def compare(study_path, seeds, stores):
     out = save_comparison(study, cmp, stores)
     click.echo(markdown_table(comparison_table(cmp)))
     click.echo(cmp.verdict())
-    click.echo(f"saved {out}/compare.csv, compare_pairs.csv, compare.md, compare.png")
+    wise = ", compare_wise_ft.csv" if plan.wise_ft else ""
+    click.echo(f"saved {out}/compare.csv, compare_pairs.csv{wise}, compare.md, compare.png")
     _next(stores, (f"export {study_path}", "the winner's recipe as YAML, to replay with train"),
           (f"ui {study_path}", "the runs, and the compare run with its pictures, in the MLflow UI"))
 

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import optuna
 
 from harness import stats
+from harness.engine import wise_ft
 from harness.engine import data as data_mod
 from harness.engine.data.resize import stored_size
 from harness.engine.metrics import NAMES as SCORE_NAMES
@@ -44,6 +45,7 @@ class ComparePlan:
     corruptions: tuple[Corruption, ...] = ()
     shift_folder: data_mod.Split | None = None
     shift_per_class: int | None = None      # corrupt only the first N test images per class
+    wise_ft: tuple[float, ...] = ()         # WiSE-FT's alphas, ascending (harness/engine/wise_ft.py); () = off
 
     @property
     def looks(self) -> int:
@@ -77,7 +79,11 @@ def plan_compare(study: Study, seeds: int | str | None = None) -> ComparePlan:
         stored = stored_size(base)   # decoded as the test split is: resized, centre-cropped per batch
         folder = data_mod.load_folder(root, data_mod.class_names(base), stored, f"{study.source}: compare.shift_root")
         folder = dataclasses.replace(folder, size=base.image_size, stored=stored)
-    return ComparePlan(first, most, auto, tuple(corruptions(cfg.corruptions)), folder, cfg.shift_per_class)
+    alphas = tuple(sorted(cfg.wise_ft.alphas)) if cfg.wise_ft is not None else ()
+    if alphas and study.recipe_for(study.strategies[0], {}).model.weights == "none":
+        raise HarnessError(f"{study.source}: compare.wise_ft: recipe.model.weights is none, so there is no "
+                           f"pretrained start model to interpolate with")
+    return ComparePlan(first, most, auto, tuple(corruptions(cfg.corruptions)), folder, cfg.shift_per_class, alphas)
 
 
 # --- results ----------------------------------------------------------------------------
@@ -98,6 +104,7 @@ class StrategyResult:
     shift: dict[str, list[float]] = field(default_factory=dict)   # shift label -> accuracy per seed
     model: Any = None                                   # the seed-0 model, on the CPU
     kept: bool = False                                  # seed 0 scored the sweep's own model
+    wise_ft: Any = None                                 # a wise_ft.WiseFt when compare.wise_ft is set
 
     @property
     def mean(self) -> float:
@@ -242,24 +249,33 @@ class _Scorer:
     def __init__(self, study: Study, stores: Stores, plan: ComparePlan, echo: Callable[[str], None]):
         self.study, self.stores, self.plan, self.echo = study, stores, plan, echo
         self._test: dict[tuple, data_mod.Split] = {}
+        self._val: dict[tuple, data_mod.Split] = {}
+        self._bodies: dict[tuple, dict] = {}
 
     def score(self, entry: _Entry, k: int) -> None:
+        from harness.engine.stages import StagePlan
         from harness.engine.train import evaluate_split, fine_tune, resolve_device
         row, seed = entry.row, entry.recipe.seed + k
         recipe = entry.recipe.replace(seed=seed)
         device = resolve_device(recipe.device)
+        head_at = wise_ft.head_stage(recipe) if self.plan.wise_ft else None
         kept = None
         if k == 0:   # the sweep's own model: in this workspace, or fetched from the MLflow server
             folder = self.stores.kept_models(self.study.name, row.strategy)
             fetch_kept(Tracking(self.stores.tracking_uri, self.stores.workspace),
                        entry.trial.user_attrs.get("mlflow_run_id"), folder, entry.trial.number)
             kept = load_kept(folder, entry.trial.number, recipe)
+            if kept is not None and head_at is not None and kept.start_head is None:
+                self.echo(f"[{row.strategy}] seed 0: the kept model has no start head for WiSE-FT "
+                          f"(swept before it was kept); trained again")
+                kept = None
+        start = wise_ft.HeadAfter(head_at) if head_at is not None else None
         if kept is not None:
             model, result = kept.model.to(device), kept.result
             result.test_score = evaluate_split(model, self.test_split(recipe, device), 2 * recipe.data.batch_size,
                                                device)
         else:
-            result = fine_tune(recipe, workspace=self.stores.workspace)
+            result = fine_tune(recipe, workspace=self.stores.workspace, plan=StagePlan(on_stage=start))
             model = result.model
             if not result.ok:
                 self.echo(f"[{row.strategy}] seed {k}: {result.status}; scored as 0")
@@ -268,6 +284,10 @@ class _Scorer:
         shifted = self.shifted(model, recipe, device) if result.ok else {}
         for label in self.plan.shift_labels:
             row.shift.setdefault(label, []).append(shifted.get(label) or 0.0)
+        wise = ""
+        if self.plan.wise_ft:
+            head = kept.start_head if kept is not None else (start.head(model) if start is not None else None)
+            wise = self.wise_ft(row, model if result.ok else None, recipe, device, head)
         if k == 0:
             row.kept, row.model = kept is not None, model.cpu() if result.ok else None
             result.model = None
@@ -276,6 +296,52 @@ class _Scorer:
         extra = "".join(f", {label} {row.shift[label][-1]:.4f}" for label in self.plan.shift_labels)
         self.echo(f"[{row.strategy}] seed {k}: test accuracy {row.scores['accuracy'][-1]:.4f}, balanced "
                   f"{row.scores['balanced_accuracy'][-1]:.4f}, macro F1 {row.scores['macro_f1'][-1]:.4f}{extra}{where}")
+        if wise:
+            self.echo(wise)
+
+    def wise_ft(self, row: StrategyResult, model, recipe: Recipe, device, head) -> str:
+        """One seed's WiSE-FT curves (all 0 for a run that failed: its alpha is then the largest);
+        the line that says what validation chose."""
+        from harness.engine.train import evaluate
+        alphas = self.plan.wise_ft
+        row.wise_ft = row.wise_ft or wise_ft.WiseFt(alphas)
+        conditions = ["val", "test", *self.plan.shift_labels]
+        if model is None:
+            row.wise_ft.add({c: [0.0] * len(alphas) for c in conditions})
+            return ""
+        bs = 2 * recipe.data.batch_size
+        theta_0 = wise_ft.start_state(model, self.pretrained(recipe), head)
+
+        def score(m) -> dict[str, float]:
+            return {"test": evaluate(m, self.test_split(recipe, device), bs, device)[1],
+                    **{k: v or 0.0 for k, v in self.shifted(m, recipe, device).items()}}
+
+        def val(m) -> float:
+            return evaluate(m, self.val_split(recipe, device), bs, device)[1] or 0.0
+
+        at_ft = {"test": row.scores["accuracy"][-1], **{label: row.shift[label][-1] for label in self.plan.shift_labels}}
+        curves = wise_ft.score_alphas(model, theta_0, alphas, score, at_ft, val)
+        row.wise_ft.add(curves)
+        i = alphas.index(row.wise_ft.chosen[-1])
+        extra = "".join(f", {c} {curves[c][i]:.4f}" for c in conditions[2:])
+        return (f"[{row.strategy}] seed {len(row.scores['accuracy']) - 1} WiSE-FT: alpha {alphas[i]:g} chosen on val "
+                f"({curves['val'][i]:.4f}): test accuracy {curves['test'][i]:.4f}{extra}")
+
+    def pretrained(self, recipe: Recipe) -> dict:
+        """The body the recipe's weights give (built once per model)."""
+        key = (recipe.model.model_dump_json(), recipe.data.model_dump_json())
+        if key not in self._bodies:
+            n_classes = len(data_mod.load_dataset(recipe.data, self.stores.workspace, recipe.seed).class_names)
+            self._bodies[key] = wise_ft.pretrained_body(recipe, n_classes)
+        return self._bodies[key]
+
+    def val_split(self, recipe: Recipe, device) -> data_mod.Split:
+        """The validation split of the seed's own run (the split is seeded)."""
+        key = (recipe.data.model_dump_json(), recipe.seed, str(device))
+        if key not in self._val:
+            ds = data_mod.load_dataset(recipe.data, self.stores.workspace, recipe.seed)
+            self._val[key] = data_mod.to_device(ds.val, device)
+        return self._val[key]
 
     def test_split(self, recipe: Recipe, device) -> data_mod.Split:
         key = (recipe.data.model_dump_json(), str(device))
@@ -330,6 +396,8 @@ def comparison_table(cmp: Comparison) -> "Any":
     """One row per strategy: the study's metric on val (best trial) and test (mean, std, 95 %
     interval over seeds), the other test scores' means, accuracy under each shift."""
     import pandas as pd
+
+    from harness.report import wise_ft_columns
     records = []
     m = cmp.metric
     for r in cmp.rows:
@@ -341,6 +409,7 @@ def comparison_table(cmp: Comparison) -> "Any":
         rec.update({f"test_{name}_mean": round(r.score_mean(name), 4) for name in SCORE_NAMES
                     if name != m and name in r.scores})
         rec.update({f"{label}_mean": round(r.shift_mean(label), 4) for label in r.shift})
+        rec.update(wise_ft_columns(r.wise_ft))
         records.append(rec)
     return pd.DataFrame.from_records(records)
 
@@ -373,7 +442,8 @@ def report_text(study: Study, cmp: Comparison) -> str:
     if cmp.pairs:
         text += (f"## Every pair ({cmp.method()}; a 95 % interval per pair)\n\n"
                  f"{markdown_table(pairs_table(cmp))}\n\n")
-    return text + cmp.verdict() + "\n"
+    from harness.report import wise_ft_markdown
+    return text + wise_ft_markdown(cmp.rows) + cmp.verdict() + "\n"
 
 
 def write_confusions(cmp: Comparison, folder: Path) -> list[Path]:
@@ -397,17 +467,23 @@ def write_confusions(cmp: Comparison, folder: Path) -> list[Path]:
 
 
 def save_comparison(study: Study, cmp: Comparison, stores: Stores) -> Path:
-    """Write compare.csv / compare_pairs.csv / compare.md / compare.png and the confusion
-    matrices (confusion/<strategy>-seed<k>.csv and .png) under WORKSPACE/reports/<study>/
-    and log them, with each test score per strategy and seed (and accuracy per shift), to
-    a `compare` run in the study's experiment; the winner's seed-0 model is logged there
-    as an MLflow PyTorch model."""
-    from harness.report import compare_figure
+    """Write compare.csv / compare_pairs.csv / compare.md / compare.png (compare_wise_ft.csv
+    with WiSE-FT) and the confusion matrices (confusion/<strategy>-seed<k>.csv and .png)
+    under WORKSPACE/reports/<study>/ and log them, with each test score per strategy and seed
+    (and accuracy per shift, and the WiSE-FT curves), to a `compare` run in the study's
+    experiment; the winner's seed-0 model is logged there as an MLflow PyTorch model."""
+    from harness.report import compare_figure, wise_ft_metrics, wise_ft_table
 
     out = stores.reports(study.name)
     out.mkdir(parents=True, exist_ok=True)
     comparison_table(cmp).to_csv(out / "compare.csv", index=False)
     pairs_table(cmp).to_csv(out / "compare_pairs.csv", index=False)
+    names = ["compare.csv", "compare_pairs.csv", "compare.md"]
+    if any(r.wise_ft is not None for r in cmp.rows):
+        wise_ft_table(cmp.rows).to_csv(out / "compare_wise_ft.csv", index=False)
+        names.append("compare_wise_ft.csv")
+    else:   # not left from an earlier compare with WiSE-FT, beside tables it does not belong to
+        (out / "compare_wise_ft.csv").unlink(missing_ok=True)
     (out / "compare.md").write_text(report_text(study, cmp))
     fig = compare_figure(cmp)
     fig.savefig(out / "compare.png", dpi=110)
@@ -422,8 +498,12 @@ def save_comparison(study: Study, cmp: Comparison, stores: Stores) -> Path:
                               **{f"shift_accuracy_mean/{label}/{r.strategy}": r.shift_mean(label) for label in r.shift}})
         if cmp.p_value is not None:
             run.log_epoch(0, {"p_value": cmp.p_value})
+        curves, per_seed = wise_ft_metrics(cmp.rows)
+        for alpha_step, values in sorted(curves.items()):
+            run.log_epoch(alpha_step, values)
+        run.log_steps(0, per_seed)
         run.set_tags({"verdict": cmp.verdict(), "method": cmp.method(), "metric": study.config.metric})
-        for name in ("compare.csv", "compare_pairs.csv", "compare.md"):
+        for name in names:
             run.log_file(out / name)
         for path in confusions:
             run.log_file(path, "confusion")

@@ -184,9 +184,11 @@ def compare_figure(cmp) -> Figure:
     strategy's best recipe."""
     n = len(cmp.rows)
     shifts = bool(cmp.rows[0].shift)
+    wise = [r for r in cmp.rows if getattr(r, "wise_ft", None) is not None]
     cols = max(n, 2) if shifts else n
-    fig = Figure(figsize=(max(8 if not shifts else 11, 3.2 * cols), 7.5))
-    grid = fig.add_gridspec(2, cols, height_ratios=[1.2, 1])
+    panels = len(wise[0].wise_ft.conditions) if wise else 0   # WiSE-FT's row: one panel per condition
+    fig = Figure(figsize=(max(8 if not shifts else 11, 3.2 * cols, 2.9 * panels), 7.5 + (3.5 if wise else 0)))
+    grid = fig.add_gridspec(3 if wise else 2, cols, height_ratios=[1.2, 1, 1] if wise else [1.2, 1])
     split = max(1, cols // 2 + cols % 2) if shifts else cols
     ax = fig.add_subplot(grid[0, :split])
     if shifts:
@@ -202,8 +204,35 @@ def compare_figure(cmp) -> Figure:
     ax.set_title(_wrap(cmp.verdict(), 70 if shifts else 110), fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     lr_panels(fig, grid, cmp.rows)
+    if wise:
+        wise_ft_panels(fig, grid[2, :], wise)
     fig.tight_layout()
     return fig
+
+
+def wise_ft_panels(fig, spec, rows) -> list:
+    """WiSE-FT's accuracy against alpha (mean over seeds), one panel per condition: the
+    validation split that chooses alpha, the test split, each shift; one line per strategy."""
+    conditions = rows[0].wise_ft.conditions
+    titles = {"val": "WiSE-FT: val (chooses alpha)", "test": "WiSE-FT: test split"}
+    grid = spec.subgridspec(1, len(conditions), wspace=0.35)
+    axes = []
+    for j, c in enumerate(conditions):
+        ax = fig.add_subplot(grid[0, j])
+        for i, r in enumerate(rows):   # the colours of the shift panel: every row has its curves
+            w = r.wise_ft
+            chosen = ", ".join(f"{a:g}" for a in w.chosen)
+            ax.plot(w.alphas, w.mean_curve(c), marker="o", markersize=4, color=f"C{i}",
+                    label=f"{r.strategy} (alpha chosen: {chosen})")
+        ax.set_title(titles.get(c, c), fontsize=9)
+        ax.set_xticks(rows[0].wise_ft.alphas, [f"{a:g}" for a in rows[0].wise_ft.alphas], fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(alpha=0.3)
+        axes.append(ax)
+    axes[0].set_ylabel("mean accuracy", fontsize=8)
+    axes[0].set_xlabel("alpha: 0 start model, 1 fine-tuned", fontsize=8)
+    axes[0].legend(fontsize=6.5, loc="best")
+    return axes
 
 
 def _wrap(text: str, width: int) -> str:
@@ -344,3 +373,63 @@ def confusion_figure(cm, class_names, title: str = "") -> Figure:
                  f"macro F1 {m['macro_f1']:.4f}", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+# --- WiSE-FT's tables and metrics (harness/engine/wise_ft.py; the picture: wise_ft_panels) -----
+
+def wise_ft_columns(w) -> dict:
+    """compare.csv's WiSE-FT columns for one strategy (a WiseFt, or None): the mean chosen
+    alpha and the mean accuracies there."""
+    import statistics
+    if w is None:
+        return {}
+    out = {"wise_ft_alpha_mean": round(statistics.fmean(w.chosen), 4)}
+    out.update({f"wise_ft_{c}_mean": round(statistics.fmean(w.at_chosen(c)), 4) for c in w.conditions if c != "val"})
+    return out
+
+
+def wise_ft_table(rows):
+    """compare_wise_ft.csv: per strategy, condition and alpha, the mean accuracy over seeds."""
+    import pandas as pd
+    records = [{"strategy": r.strategy, "condition": c, "alpha": a, "accuracy_mean": round(m, 4),
+                "seeds": len(r.wise_ft.chosen)}
+               for r in rows if r.wise_ft is not None for c in r.wise_ft.conditions
+               for a, m in zip(r.wise_ft.alphas, r.wise_ft.mean_curve(c))]
+    return pd.DataFrame.from_records(records, columns=["strategy", "condition", "alpha", "accuracy_mean", "seeds"])
+
+
+def wise_ft_markdown(rows) -> str:
+    """compare.md's WiSE-FT section: per alpha the mean accuracies, then those at the alphas chosen."""
+    import statistics
+    rows = [r for r in rows if r.wise_ft is not None]
+    if not rows:
+        return ""
+    conditions = rows[0].wise_ft.conditions
+    lines = ["| strategy | alpha | " + " | ".join(conditions) + " |", "|" + "---|" * (len(conditions) + 2)]
+    for r in rows:
+        w = r.wise_ft
+        means = {c: w.mean_curve(c) for c in conditions}
+        for i, a in enumerate(w.alphas):
+            lines.append(f"| {r.strategy} | {a:g} | " + " | ".join(f"{means[c][i]:.4f}" for c in conditions) + " |")
+        lines.append(f"| {r.strategy} | chosen on val ({', '.join(f'{a:g}' for a in w.chosen)}) | "
+                     + " | ".join(f"{statistics.fmean(w.at_chosen(c)):.4f}" for c in conditions) + " |")
+    return ("## WiSE-FT: (1 - alpha) start model + alpha fine-tuned (mean over seeds; alpha chosen per "
+            "seed on its validation split)\n\n" + "\n".join(lines) + "\n\n")
+
+
+def wise_ft_metrics(rows) -> tuple[dict[int, dict[str, float]], dict[str, list[float]]]:
+    """The compare run's WiSE-FT metrics: each mean curve `wise_ft/<condition>/<strategy>` at
+    step alpha x 1000 (the grid's alphas differ by at least 0.001), and per seed (step k) the
+    chosen alpha `wise_ft_alpha/<strategy>` and the accuracies there `wise_ft_accuracy/<condition>/<strategy>`."""
+    curves: dict[int, dict[str, float]] = {}
+    per_seed: dict[str, list[float]] = {}
+    for r in rows:
+        w = r.wise_ft
+        if w is None:
+            continue
+        for c in w.conditions:
+            for a, m in zip(w.alphas, w.mean_curve(c)):
+                curves.setdefault(round(1000 * a), {})[f"wise_ft/{c}/{r.strategy}"] = m
+            per_seed[f"wise_ft_accuracy/{c}/{r.strategy}"] = w.at_chosen(c)
+        per_seed[f"wise_ft_alpha/{r.strategy}"] = list(w.chosen)
+    return curves, per_seed

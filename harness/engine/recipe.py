@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, Discriminator, Field, StrictInt, Tag, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (BaseModel, BeforeValidator, Discriminator, Field, StrictBool, StrictInt, Tag,
+                      ValidationError, field_validator, model_validator)
 
 from harness.errors import HarnessError
 from harness.engine.archs import TIMM_PREFIX, TORCHVISION_ARCHS, check_timm_arch, is_timm_model
@@ -215,10 +215,18 @@ class ModelConfig(StrictModel):
         return v
 
 
+class EmaConfig(StrictModel):
+    """A moving average of the weights (timm's ModelEmaV3, harness/engine/ema.py): validation,
+    test and compare score it. decay 0 is the raw model; warmup ramps the decay up from 0."""
+    decay: Annotated[Num, Field(ge=0, lt=1)] = 0.9999   # ModelEmaV3's default
+    warmup: StrictBool = True                             # ModelEmaV3's use_warmup (gamma 1, power 2/3)
+
+
 class OptimizerConfig(StrictModel):
     weight_decay: Annotated[Num, Field(ge=0)] = 0.01
     eps: Positive = 1e-5
     sqr_mom: Fraction = 0.99
+    ema: EmaConfig | None = None    # off unless given
 
 
 class Recipe(StrictModel):
@@ -279,9 +287,12 @@ class Recipe(StrictModel):
         return cls.from_dict(read_yaml(path), source=str(path))
 
     def to_dict(self) -> dict:
-        """The YAML-shaped dict (defaults resolved, `lr.min` and the unset optional stage
-        fields left out, so a recipe that does not use them reads and hashes as before)."""
+        """The YAML-shaped dict (defaults resolved; `lr.min`, `optimizer.ema` and the unset
+        optional stage fields left out, so a recipe that does not use them reads and hashes as
+        before they existed)."""
         d = self.model_dump(mode="json")
+        if d["optimizer"]["ema"] is None:
+            del d["optimizer"]["ema"]
         for st in d["stages"]:
             if isinstance(st["lr"], dict) and st["lr"]["min"] is None:
                 del st["lr"]["min"]

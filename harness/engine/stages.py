@@ -38,6 +38,7 @@ class StageCheckpoint:
     step: int                         # optimizer steps done (global)
     epoch: int                        # epochs done (global)
     history: dict[str, Any] = field(default_factory=dict)   # Result.history(): epochs, lrs, moms, stage_starts
+    ema: dict[str, torch.Tensor] | None = None              # the weight EMA's state (optimizer.ema), on the CPU
     source: str = field(default="", compare=False)          # the file it was read from (not saved)
 
 
@@ -46,6 +47,7 @@ class StagesDidNotFinish(HarnessError):
 
 
 _SAVED = [f for f in StageCheckpoint.__dataclass_fields__ if f != "source"]
+_OPTIONAL = ("ema",)   # absent from checkpoints written before it existed (recipes without an EMA)
 
 
 @dataclass(frozen=True)
@@ -76,14 +78,15 @@ def stage_path(workspace: str | Path, recipe: Recipe, k: int) -> Path:
 # --- capture and restore -------------------------------------------------------------------
 
 def capture(recipe: Recipe, k: int, run: Prepared, counters: tuple[int, int],
-            history: dict[str, Any]) -> StageCheckpoint:
-    """The run after its stage k: `counters` = (global step, epoch), `history` = Result.history()."""
+            history: dict[str, Any], ema: dict[str, torch.Tensor] | None = None) -> StageCheckpoint:
+    """The run after its stage k: `counters` = (global step, epoch), `history` = Result.history(),
+    `ema` the weight EMA's state (when the recipe has one)."""
     rng = {"cpu": torch.get_rng_state()}
     if run.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(run.device)
     model = {k_: v.detach().to("cpu", copy=True) for k_, v in run.model.state_dict().items()}
     return StageCheckpoint(k, prefix_recipe(recipe, k).to_yaml(), model, run.generator.get_state(),
-                           rng, run.device.type, counters[0], counters[1], history)
+                           rng, run.device.type, counters[0], counters[1], history, ema)
 
 
 def restore(ckpt: StageCheckpoint, run: Prepared) -> None:
@@ -126,9 +129,10 @@ def read_stage(path: str | Path, recipe: Recipe) -> StageCheckpoint:
         raise HarnessError(f"{p}: not a readable stage checkpoint ({e.__class__.__name__})") from None
     if not isinstance(blob, dict) or blob.get("format") != STAGE_FORMAT:
         raise HarnessError(f"{p}: not a finetune-harness stage checkpoint")
-    if any(f not in blob for f in _SAVED):
-        raise HarnessError(f"{p}: not a complete stage checkpoint (no {next(f for f in _SAVED if f not in blob)})")
-    ckpt = StageCheckpoint(**{f: blob[f] for f in _SAVED}, source=str(p))
+    missing = [f for f in _SAVED if f not in blob and f not in _OPTIONAL]
+    if missing:
+        raise HarnessError(f"{p}: not a complete stage checkpoint (no {missing[0]})")
+    ckpt = StageCheckpoint(**{f: blob[f] for f in _SAVED if f in blob}, source=str(p))
     check_prefix(ckpt, recipe)
     return ckpt
 

@@ -21,6 +21,7 @@ from harness.engine import probe as probe_mod
 from harness import interrupts
 from harness.errors import HarnessError
 from harness.engine.archs import TIMM_PREFIX
+from harness.engine.ema import WeightEma
 from harness.engine.groups import LayerGroups, param_groups, set_trainable
 from harness.engine.models import build_model
 from harness.engine.recipe import Recipe, Stage
@@ -167,7 +168,8 @@ def fine_tune(recipe: Recipe, tracker: Tracker | None = None, workspace: str | P
                     class_names=list(run.dataset.class_names), model=run.model, input_stats=run.model.input_stats)
     theta_0 = start_weights(recipe, run.model)   # before a checkpoint is restored: the model as built
     first, stop, step, epoch = _stage_range(recipe, plan, run, result)
-    loop = _Loop(recipe, run, result, tracker or NullTracker(), report, (step, epoch), theta_0, metric)
+    loop = _Loop(recipe, run, result, tracker or NullTracker(), report, (step, epoch), theta_0, metric,
+                 _ema(recipe, run, plan))
     loop.bar = _progress_bar(run.n_iter * sum(s.epochs for s in recipe.stages[first:stop]), progress)
     start = time.perf_counter()
     try:
@@ -175,7 +177,10 @@ def fine_tune(recipe: Recipe, tracker: Tracker | None = None, workspace: str | P
             if not loop.run_stage(k):
                 break
             if plan.on_stage is not None:
-                plan.on_stage(capture(recipe, k + 1, run, (loop.step, loop.epoch), result.history()))
+                plan.on_stage(capture(recipe, k + 1, run, (loop.step, loop.epoch), result.history(),
+                                      None if loop.ema is None else loop.ema.state_dict()))
+        if loop.ema is not None and result.ok and stop == len(recipe.stages):
+            run.model.load_state_dict(loop.ema.module.state_dict())   # the run's model is the average
         if result.ok and plan.test and stop == len(recipe.stages):
             loop.test()
     except Exception as e:
@@ -192,20 +197,33 @@ def fine_tune(recipe: Recipe, tracker: Tracker | None = None, workspace: str | P
     return result
 
 
+def _ema(recipe: Recipe, run: Prepared, plan: StagePlan) -> WeightEma | None:
+    """The recipe's weight EMA (None without `optimizer.ema`), continued from the plan's checkpoint."""
+    cfg = recipe.optimizer.ema
+    if cfg is None:
+        return None
+    start = plan.start
+    return WeightEma(run.model, cfg.decay, cfg.warmup, 0 if start is None else start.step,
+                     None if start is None else start.ema)
+
+
 class _Loop:
     """fine_tune's state across its stages: the step and epoch counters, where the numbers go.
     No host synchronisation inside an epoch: its losses are read once, at its end. A stage
     that trains the head alone on a truly frozen body without augmentation trains it on the
-    body's cached features (`probe`, harness/engine/probe.py): the same steps and numbers."""
+    body's cached features (`probe`, harness/engine/probe.py): the same steps and numbers.
+    With a weight EMA (`ema`), every step updates it and every score is the EMA's."""
 
     def __init__(self, recipe: Recipe, run: Prepared, result: Result, tracker: Tracker,
                  report: Callable[[int, float | None], None] | None, counters: tuple[int, int],
-                 start: dict[str, torch.Tensor] | None = None, metric: str = "val/accuracy"):
+                 start: dict[str, torch.Tensor] | None = None, metric: str = "val/accuracy",
+                 ema: WeightEma | None = None):
         self.recipe, self.run, self.result, self.tracker, self.report = recipe, run, result, tracker, report
         self.metric = metric
         self.step, self.epoch = counters
         self.start = start                          # theta_0 of L2-SP stages
         self.spread: list[tuple[float, float]] = []  # the stage's lr_scale range per layer group
+        self.ema = ema
         self.val = data_mod.to_device(run.dataset.val, run.device)
         self.bar = _NoBar()
         self.probe: probe_mod.Probe | None = None   # the current stage's, when it qualifies
@@ -224,6 +242,8 @@ class _Loop:
     def run_epoch(self, k: int, opt: torch.optim.Optimizer) -> bool:
         recipe, run, result = self.recipe, self.run, self.result
         step_fn = probe_mod.head_step if self.probe else train_step
+        if self.ema is not None:
+            step_fn = self.ema.after(step_fn)
         # the epoch's schedule made before its steps: the step loop only reads it
         hypers = epoch_hypers(recipe.stages[k], recipe.optimizer.sqr_mom, run.model.n_groups, run.n_iter,
                               self.step - result.stage_starts[-1])
@@ -284,10 +304,12 @@ class _Loop:
         return data_mod.train_batches(run.train, bs, run.generator, self.recipe.data.augment, run.model.input_stats)
 
     def evaluate(self, name: str, split: data_mod.Split) -> Score | None:
-        bs = 2 * self.recipe.data.batch_size
-        if self.probe is not None:   # the last stage run was a probe: its body, unchanged
-            return self.probe.score(name, split, bs)
-        return evaluate_split(self.run.model, split, bs, self.run.device)
+        bs, run = 2 * self.recipe.data.batch_size, self.run
+        model = run.model if self.ema is None else self.ema.module
+        if self.probe is not None:   # the last stage run was a probe: the features of the scored body
+            probe = self.probe if self.ema is None else probe_mod.Probe(model, run.device, run.workspace, self.digests)
+            return probe.score(name, split, bs)
+        return evaluate_split(model, split, bs, run.device)
 
     def test(self) -> None:
         s = self.evaluate("test", data_mod.to_device(self.run.dataset.test, self.run.device))

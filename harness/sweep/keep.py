@@ -2,7 +2,9 @@
 
 When a trial finishes better than every completed trial of its strategy, its whole model
 (state dict on the CPU), the recipe it was trained by, its class names and input
-statistics and its LR history are saved as WORKSPACE/models/<study>/<strategy>/trial-<n>.pt
+statistics, its LR history and, when its head was trained before its body (lp_ft's probe),
+that head as the body started under it (WiSE-FT's start model, harness/engine/wise_ft.py) are
+saved as WORKSPACE/models/<study>/<strategy>/trial-<n>.pt
 (written to a temporary file, then renamed). Files of completed trials that it beats are
 removed, so about one file per strategy remains; a file is never removed for a trial that
 is still running (another worker's trial may yet be the best).
@@ -45,8 +47,10 @@ def _better(value: float, than: float, direction: str) -> bool:
     return value > than if direction == "maximize" else value < than
 
 
-def keep_if_best(trial: optuna.Trial, value: float, result: Result, recipe: Recipe, folder: Path) -> Path | None:
-    """Save the trial's model when `value` beats every completed trial of its study."""
+def keep_if_best(trial: optuna.Trial, value: float, result: Result, recipe: Recipe, folder: Path,
+                 start_head: dict[str, torch.Tensor] | None = None) -> Path | None:
+    """Save the trial's model (and `start_head`, WiSE-FT's) when `value` beats every completed
+    trial of its study."""
     if result.model is None:
         return None
     ostudy = trial.study
@@ -59,7 +63,7 @@ def keep_if_best(trial: optuna.Trial, value: float, result: Result, recipe: Reci
                        "model": {k: v.detach().cpu().clone() for k, v in result.model.state_dict().items()},
                        "class_names": list(result.class_names), "group_names": list(result.group_names),
                        "input_stats": {"mean": list(result.input_stats.mean), "std": list(result.input_stats.std)},
-                       "history": result.history()}, path)
+                       "history": result.history(), "start_head": start_head}, path)
     for t in done:   # every completed trial is beaten: its file, if any, is no longer the best
         path_for(folder, t.number).unlink(missing_ok=True)
     return path
@@ -107,9 +111,11 @@ def fetch(tracking, run_id: str | None, folder: Path, trial_number: int) -> bool
 
 @dataclass
 class Kept:
-    """A kept model, ready to score: the model (on the CPU, eval mode) and the Result of its trial."""
+    """A kept model, ready to score: the model (on the CPU, eval mode) and the Result of its trial;
+    `start_head`: the head after its probe stages (None: none kept)."""
     model: torch.nn.Module
     result: Result
+    start_head: dict[str, torch.Tensor] | None = None
 
 
 def load_kept(folder: Path, trial_number: int, recipe: Recipe) -> Kept | None:
@@ -133,7 +139,7 @@ def load_kept(folder: Path, trial_number: int, recipe: Recipe) -> Kept | None:
     result = Result(group_names=saved["group_names"], class_names=saved["class_names"], model=model,
                     input_stats=model.input_stats)
     result.resume(saved["history"])
-    return Kept(model, result)
+    return Kept(model, result, saved.get("start_head"))
 
 
 def _yaml(text: str) -> dict:

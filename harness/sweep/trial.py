@@ -12,11 +12,12 @@ import optuna
 
 from harness import jobs
 from harness.engine.stages import StagePlan
+from harness.engine.wise_ft import HeadAfter, head_stage
 from harness.errors import HarnessError
 from harness.sweep.keep import keep_if_best, share
 from harness.sweep.optuna_studies import best_trial, count_trials
 from harness.sweep.space import suggest
-from harness.sweep.study import Study
+from harness.sweep.study import RECIPE_FIELDS, Study
 from harness.tracking import MlflowTracker, Tracking
 from harness.workspace import Stores
 
@@ -44,9 +45,12 @@ def objective(study: Study, strategy: str, stores: Stores, parent_id: str,
         with tracking.run(study.name, f"{strategy}-trial-{trial.number}", parent_id,
                           tags=_trial_tags(strategy, trial, worker)) as tracker:
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
-            tracker.log_params(params)
+            # a searched recipe field is logged with the recipe's params, as the recipe holds it
+            tracker.log_params({k: v for k, v in params.items() if k not in RECIPE_FIELDS})
+            at = head_stage(recipe)   # WiSE-FT's start head, kept with the model
+            head = HeadAfter(at) if at is not None else None
             result = jobs.tracked_fine_tune(recipe, tracker, stores.workspace, report=_pruning(trial, tracker, recipe, stores.workspace),
-                                            plan=StagePlan(test=False),   # tuning never looks at the test split
+                                            plan=StagePlan(on_stage=head, test=False),   # tuning never looks at the test split
                                             metric=study.config.metric)
         trial.set_user_attr("seconds", time.perf_counter() - started)
         if not result.ok:
@@ -55,7 +59,8 @@ def objective(study: Study, strategy: str, stores: Stores, parent_id: str,
         value = result.val_metric(study.config.metric)
         if value is None:
             raise HarnessError("recipe.data.val_fraction: a sweep needs a validation split (> 0)")
-        kept = keep_if_best(trial, value, result, recipe, stores.kept_models(study.name, strategy))
+        kept = keep_if_best(trial, value, result, recipe, stores.kept_models(study.name, strategy),
+                            head.head(result.model) if head is not None else None)
         if kept is not None:   # where every node reads it, on an MLflow server
             share(tracking, tracker.run_id, kept)
         return value

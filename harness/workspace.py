@@ -11,6 +11,7 @@ options, then the environment, then the workspace.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,9 +59,11 @@ class Stores:
         """The workspace made and writable, or one line naming --workspace."""
         try:
             self.workspace.mkdir(parents=True, exist_ok=True)
-            probe = self.workspace / ".write-test"
-            probe.touch()
-            probe.unlink()
+            # a probe of its own: workers sharing a workspace (Ray tasks, a Kubernetes volume)
+            # start together, and one name would let one remove the file another just made
+            fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=self.workspace)
+            os.close(fd)
+            os.unlink(probe)
         except OSError as e:
             raise HarnessError(f"--workspace: cannot write to {self.workspace} "
                                f"({e.strerror or e.__class__.__name__})") from None

@@ -91,6 +91,12 @@ def test_fixed_value(raw, default):
     # choices must be a non-empty list
     ({"choices": []}, 1e-3, "strategies.naive.lr.choices", "non-empty list"),
     ({"choices": 1e-3}, 1e-3, "strategies.naive.lr.choices", "non-empty list"),
+    # choices of one kind, the hyperparameter's own (mixed kinds crashed Optuna's ordering)
+    ({"choices": [1e-3, "fast"]}, 1e-3, "strategies.naive.lr.choices", "lr takes numbers, got 'fast'"),
+    ({"choices": ["a", 1]}, None, "strategies.naive.lr.choices", "takes text, got 1"),
+    ({"choices": [0, True]}, 0, "strategies.surgical.block.choices", "takes numbers, got True"),
+    ({"choices": [[0, 1], [2]]}, 0, "strategies.surgical.block.choices", "a number, true/false or text"),
+    ({"choices": [0, 1.5]}, 0, "strategies.surgical.block.choices", "whole number, got 1.5"),
 ])
 def test_parse_param_errors_are_one_line_naming_the_field(raw, default, field, words):
     name = ".".join(field.split(".")[:3])      # strategies.<s>.<param>

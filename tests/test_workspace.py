@@ -69,3 +69,25 @@ def test_ready_makes_the_workspace_or_names_it(tmp_path):
     blocker.write_text("")
     with pytest.raises(HarnessError, match=r"^--workspace: cannot write to .*file"):
         Stores.resolve(blocker / "ws").ready()
+
+
+def test_workers_sharing_a_workspace_check_it_at_once(tmp_path):
+    """Ray tasks and Kubernetes replicas start together on one workspace: one worker's write
+    probe must not be another's (a shared name failed a load-test worker with ENOENT)."""
+    import threading
+    stores, errors = Stores.resolve(tmp_path / "ws"), []
+
+    def check():
+        try:
+            for _ in range(300):
+                stores.ready()
+        except HarnessError as e:
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=check) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert list((tmp_path / "ws").iterdir()) == []      # no probe left behind

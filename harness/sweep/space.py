@@ -85,6 +85,15 @@ def _distance(a: Any, b: Any) -> float:
         return 0.0 if a == b else 1.0
 
 
+def _kind(v: Any) -> str | None:
+    """What a choice is, in words for errors: Optuna's categorical values, ordered within a kind."""
+    if isinstance(v, bool):
+        return "true/false"
+    if isinstance(v, (int, float)):
+        return "numbers"
+    return "text" if isinstance(v, str) else None
+
+
 def parse_param(field: str, raw: Any, default: Any) -> ParamSpec:
     """One hyperparameter's spec from YAML; `field` names it in errors."""
     name = field.rsplit(".", 1)[-1]
@@ -95,7 +104,16 @@ def parse_param(field: str, raw: Any, default: Any) -> ParamSpec:
             choices = raw["choices"]
             if not isinstance(choices, list) or not choices:
                 raise HarnessError(f"{field}.choices: must be a non-empty list")
-            bad = [c for c in choices if is_int and (isinstance(c, bool) or not isinstance(c, int))]
+            odd = [c for c in choices if _kind(c) is None]
+            if odd:
+                raise HarnessError(f"{field}.choices: each choice must be a number, true/false or text, "
+                                   f"got {odd[0]!r}")
+            want = _kind(default) or _kind(choices[0])
+            other = [c for c in choices if _kind(c) != want]
+            if other:
+                raise HarnessError(f"{field}.choices: {name} takes {want}, got {other[0]!r} "
+                                   f"(choices must all be of one kind)")
+            bad = [c for c in choices if is_int and not isinstance(c, int)]
             if bad:
                 raise HarnessError(f"{field}.choices: {name} is a whole number, got {bad[0]!r}")
             return ParamSpec(name, "choices", choices=tuple(choices))

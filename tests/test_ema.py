@@ -142,7 +142,9 @@ def test_a_study_searches_the_decay_of_any_strategy(tmp_path):
     ({"optimizer.ema.decay": {"low": 0.9, "high": 1.0}},
      "strategies.naive.optimizer.ema.decay: 1.0 is not a valid optimizer.ema.decay (Input should be less than 1"),
     ({"optimizer.ema.warmup": {"choices": ["yes", "no"]}},
-     "strategies.naive.optimizer.ema.warmup: 'no' is not a valid optimizer.ema.warmup (Input should be a valid boolean"),
+     "strategies.naive.optimizer.ema.warmup.choices: warmup takes true/false, got 'yes'"),
+    ({"optimizer.ema.warmup": 1},
+     "strategies.naive.optimizer.ema.warmup: 1 is not a valid optimizer.ema.warmup (Input should be a valid boolean"),
     ({"optimizer.weight_decay": 0.1},
      "strategies.naive.optimizer.weight_decay: unknown recipe field (searchable: optimizer.ema.decay, "
      "optimizer.ema.warmup)"),

@@ -535,7 +535,9 @@ def test_sigkill_on_postgres_is_caught_by_heartbeat(tmp_path, pg_url, mlflow_ser
     password = "s3cret-pw-123"         # trust auth: any password is accepted
     spec = pg_url.replace("postgres@", f"postgres:{password}@")
     env = {"HARNESS_STORAGE": spec, "MLFLOW_TRACKING_URI": mlflow_server, "HARNESS_HEARTBEAT": "1"}
-    study = tiny_study(tmp_path / "study.yaml", f"kill-pg-{tmp_path.name[-12:]}", trials=4)
+    # 6 trials: worker a gets two or three, so the poll (a new storage per look, slow on a busy
+    # machine) has more than one trial's first epoch to catch it in (4 trials missed it once)
+    study = tiny_study(tmp_path / "study.yaml", f"kill-pg-{tmp_path.name[-12:]}", trials=6)
     name = yaml.safe_load(study.read_text())["name"]
     a = Proc(["worker", study, "--workspace", tmp_path / "a", "--name", "a"], tmp_path / "a.log", env)
     b = Proc(["worker", study, "--workspace", tmp_path / "b", "--name", "b"], tmp_path / "b.log", env)
@@ -548,7 +550,7 @@ def test_sigkill_on_postgres_is_caught_by_heartbeat(tmp_path, pg_url, mlflow_ser
     assert f"trial {victim.number} was lost (its worker stopped sending heartbeats); queued again" in b.text
     a2 = Proc(["worker", study, "--workspace", tmp_path / "a", "--name", "a"], tmp_path / "a2.log", env)
     assert a2.wait(120) == 0, a2.text
-    check_recovered(spec, mlflow_server, name, 4, victim, completed, "heartbeat")
+    check_recovered(spec, mlflow_server, name, 6, victim, completed, "heartbeat")
 
     # kept models are artifacts of their trials' runs on the server: any node's compare reads them
     from mlflow.tracking import MlflowClient

@@ -9,7 +9,7 @@ each body group in turn (0: the stem and early blocks, 1: the later blocks, with
 3 layer groups) and the learning rate searched as there; each block is its own study
 (`surgical-block<k>`: a study holds one entry per strategy), swept with `harness sweep`
 and scored with `harness compare` (3 seeds on the test split; the study's corruptions on the
-first 100 test images of each class). Prints one table: test accuracy and accuracy under
+first `shift_per_class` test images of each class, 100 there). Prints one table: test accuracy and accuracy under
 each corruption, per block, mean over the seeds; the reports stay in the workspace
 (reports/surgical-block<k>/compare.csv, compare.png).
 """
@@ -27,12 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def study_for(base: dict, block: int, trials: int) -> dict:
-    study = {k: v for k, v in base.items() if k not in ("strategies", "compare")}
-    study.update(name=f"surgical-block{block}", trials=trials,
-                 strategies={"surgical": {**base["strategies"]["surgical"], "block": block}},
-                 compare={"seeds": base["compare"]["seeds"], "corruptions": base["compare"]["corruptions"],
-                          "shift_per_class": 100})
-    return study
+    """methods.yaml with one strategy, surgical at `block`; its compare without WiSE-FT."""
+    return {**base, "name": f"surgical-block{block}", "trials": trials,
+            "strategies": {"surgical": {**base["strategies"]["surgical"], "block": block}},
+            "compare": {k: v for k, v in base["compare"].items() if k != "wise_ft"}}
 
 
 def main() -> int:
@@ -56,7 +54,7 @@ def main() -> int:
         rows.append(table.assign(block=block))
     result = pd.concat(rows, ignore_index=True)
     result.to_csv(ws / "surgical_blocks.csv", index=False)
-    print(result.drop(columns=[c for c in result.columns if c.endswith("_std")], errors="ignore").to_string(index=False))
+    print(result.drop(columns=[c for c in result.columns if c.endswith("_std")]).to_string(index=False))
     print(f"wrote {ws / 'surgical_blocks.csv'}")
     return 0
 

@@ -61,9 +61,8 @@ class Stores:
             self.workspace.mkdir(parents=True, exist_ok=True)
             # a probe of its own: workers sharing a workspace (Ray tasks, a Kubernetes volume)
             # start together, and one name would let one remove the file another just made
-            fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=self.workspace)
-            os.close(fd)
-            os.unlink(probe)
+            with tempfile.TemporaryFile(prefix=".write-test-", dir=self.workspace):
+                pass
         except OSError as e:
             raise HarnessError(f"--workspace: cannot write to {self.workspace} "
                                f"({e.strerror or e.__class__.__name__})") from None

@@ -164,7 +164,7 @@ def _end_to_end_changes(study: Path) -> dict:
     if study.stem not in ONLY_ITS_OWN:
         return {}
     own = read_yaml(study)["strategies"]
-    return {"strategies": {s: own[s] for s in ONLY_ITS_OWN[study.stem]}, "budget": {"epochs": 2}}
+    return {"strategies": {s: own[s] for s in ONLY_ITS_OWN[study.stem]}, "budget": {"epochs": EPOCHS}}
 
 
 @pytest.mark.slow
